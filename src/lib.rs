@@ -1,0 +1,20 @@
+//! verger: a bucket of images in, a labelled Parquet table of CNN embeddings out.
+//!
+//! The pipeline, one module per stage, wired in [`dataflow`]:
+//!
+//! ```text
+//! storage (local dir | s3) -> source (list, epochs) -> fetch -> decode -> label -> embed -> sink (Parquet + manifest)
+//! ```
+
+pub mod dataflow;
+pub mod decode;
+pub mod demo;
+pub mod embed;
+pub mod evaluate;
+pub mod fetch;
+pub mod label;
+pub mod operators;
+pub mod record;
+pub mod sink;
+pub mod source;
+pub mod storage;

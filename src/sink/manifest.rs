@@ -1,0 +1,210 @@
+//! The commit protocol: one manifest per epoch, written once every worker has finished it.
+//!
+//! A manifest lists the epoch's files with their row counts. What it lists is committed; any
+//! file under `data/` or `errors/` that no manifest lists is a leftover of an epoch that did
+//! not commit (a crash, a kill), and is deleted when the next run starts, whose listing then
+//! processes those keys again. So committed epochs are never redone and uncommitted ones are
+//! redone exactly once.
+
+use std::collections::{BTreeMap, HashSet};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+use super::{reader, SinkError};
+use crate::record::{Epoch, FileKind, WrittenFile};
+use crate::storage::{list_all, ObjectStore};
+
+/// Prefix of manifests in the output store.
+pub const MANIFEST_PREFIX: &str = "_manifest/";
+
+/// The commit record of one epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Id of the run that wrote it.
+    pub run: String,
+    /// Model that computed the embeddings.
+    pub model: String,
+    /// Embedding rows in the epoch.
+    pub rows: u64,
+    /// Error records in the epoch.
+    pub errors: u64,
+    /// The files, data and errors.
+    pub files: Vec<WrittenFile>,
+}
+
+impl Manifest {
+    /// Key of the manifest of `epoch`.
+    pub fn key_for(epoch: Epoch) -> String {
+        format!("{MANIFEST_PREFIX}{epoch:010}.json")
+    }
+
+    /// Key of this manifest.
+    pub fn key(&self) -> String {
+        Self::key_for(self.epoch)
+    }
+
+    /// Writes it (atomically) to the store.
+    pub async fn write(&self, store: &dyn ObjectStore) -> Result<(), SinkError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| SinkError::Manifest {
+            key: self.key(),
+            reason: e.to_string(),
+        })?;
+        store.put(&self.key(), Bytes::from(json)).await?;
+        Ok(())
+    }
+}
+
+/// What earlier runs committed to an output.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// All manifests, by epoch.
+    pub manifests: Vec<Manifest>,
+    /// Keys that have a committed embedding row (their objects are not processed again).
+    pub keys: HashSet<String>,
+}
+
+impl Committed {
+    /// Reads every manifest and the `key` column of every committed data file.
+    pub async fn load(store: &dyn ObjectStore) -> Result<Self, SinkError> {
+        let mut keys_of_manifests = Vec::new();
+        list_all(store, MANIFEST_PREFIX, 1000, |page| {
+            keys_of_manifests.extend(
+                page.into_iter()
+                    .map(|o| o.key)
+                    .filter(|k| k.ends_with(".json")),
+            );
+            true
+        })
+        .await?;
+        let mut manifests = Vec::new();
+        for key in keys_of_manifests {
+            let bytes = store.get(&key).await?;
+            let manifest: Manifest =
+                serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            manifests.push(manifest);
+        }
+        manifests.sort_by_key(|m| m.epoch);
+        let mut keys = HashSet::new();
+        for file in manifests.iter().flat_map(|m| &m.files) {
+            if file.kind == FileKind::Data {
+                keys.extend(reader::read_keys(store, &file.key).await?);
+            }
+        }
+        Ok(Self { manifests, keys })
+    }
+
+    /// The first epoch number a new run may use.
+    pub fn next_epoch(&self) -> Epoch {
+        self.manifests.last().map_or(0, |m| m.epoch + 1)
+    }
+
+    /// Every file some manifest lists.
+    pub fn files(&self) -> HashSet<&str> {
+        self.manifests
+            .iter()
+            .flat_map(|m| &m.files)
+            .map(|f| f.key.as_str())
+            .collect()
+    }
+
+    /// Deletes data and error files that no manifest lists (leftovers of uncommitted epochs)
+    /// and the local staging area. Returns how many objects were removed.
+    pub async fn remove_uncommitted(&self, store: &dyn ObjectStore) -> Result<usize, SinkError> {
+        let committed = self.files();
+        let mut doomed = Vec::new();
+        for prefix in ["data/", "errors/"] {
+            list_all(store, prefix, 1000, |page| {
+                doomed.extend(
+                    page.into_iter()
+                        .map(|o| o.key)
+                        .filter(|k| !committed.contains(k.as_str())),
+                );
+                true
+            })
+            .await?;
+        }
+        for key in &doomed {
+            tracing::info!(key, "removing leftover of an uncommitted epoch");
+            store.delete(key).await?;
+        }
+        if let Some(staging) = store.staging_dir() {
+            let _ = std::fs::remove_dir_all(staging);
+        }
+        Ok(doomed.len())
+    }
+}
+
+/// An epoch being gathered: its capability, the files written, the failures reported.
+type Gathering = (Capability<Epoch>, Vec<WrittenFile>, Vec<String>);
+
+/// Gathers, on one worker, the files every worker wrote for an epoch, and emits the epoch's
+/// manifest once the frontier shows the epoch finished everywhere. An epoch in which any
+/// file failed to be written is not committed: its reason is emitted instead.
+pub fn gather_epochs<'s>(
+    files: StreamVec<'s, Epoch, Result<WrittenFile, String>>,
+    run: String,
+    model: String,
+) -> StreamVec<'s, Epoch, Result<Manifest, String>> {
+    files.unary_frontier(Pipeline, "GatherEpoch", move |initial, _info| {
+        drop(initial);
+        let mut pending: BTreeMap<Epoch, Gathering> = BTreeMap::new();
+        move |(input, frontier), output| {
+            let port = output.output_index();
+            input.for_each_stamp(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let (_, files, failures) = pending.entry(t).or_insert_with(|| {
+                    (
+                        cap.retain_least(port).expect("input time"),
+                        Vec::new(),
+                        Vec::new(),
+                    )
+                });
+                for batch in data {
+                    for file in batch.drain(..) {
+                        match file {
+                            Ok(f) => files.push(f),
+                            Err(e) => failures.push(e),
+                        }
+                    }
+                }
+            });
+            while let Some((&t, _)) = pending.first_key_value() {
+                if frontier.less_equal(&t) {
+                    break;
+                }
+                let (cap, mut files, failures) = pending.remove(&t).expect("first key");
+                let result = if failures.is_empty() {
+                    files.sort_by(|a, b| a.key.cmp(&b.key));
+                    let count = |kind| {
+                        files
+                            .iter()
+                            .filter(|f| f.kind == kind)
+                            .map(|f| f.rows)
+                            .sum()
+                    };
+                    Ok(Manifest {
+                        epoch: t,
+                        run: run.clone(),
+                        model: model.clone(),
+                        rows: count(FileKind::Data),
+                        errors: count(FileKind::Errors),
+                        files,
+                    })
+                } else {
+                    Err(format!("epoch {t} not committed: {}", failures.join("; ")))
+                };
+                output.session(&cap).give(result);
+            }
+        }
+    })
+}

@@ -1,0 +1,119 @@
+//! Object storage: where images are read from and Parquet is written to.
+//!
+//! One small async trait, [`ObjectStore`], with a local-directory implementation (the embedded
+//! default: no cloud needed). Keys are `/`-separated paths relative to the store's root
+//! (`Training/Apple Red 1/r_3_100.jpg`), whatever the backing store.
+
+pub mod local;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::cmp::Ordering;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a store failed to do, naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The object does not exist (deleted between listing and reading, say).
+    #[error("{key}: object not found")]
+    NotFound {
+        /// The key.
+        key: String,
+    },
+    /// Any I/O failure, with the object it concerns.
+    #[error("{key}: {source}")]
+    Io {
+        /// The key or path.
+        key: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A location string verger cannot open.
+    #[error("unsupported location `{0}` (expected a local directory)")]
+    Unsupported(String),
+}
+
+/// An object found by listing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectMeta {
+    /// Key relative to the store root.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// One page of a listing; `next` continues it.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    /// Objects of this page, in key order.
+    pub objects: Vec<ObjectMeta>,
+    /// Token for the next page, `None` at the end.
+    pub next: Option<String>,
+}
+
+/// An object store holding images (input) or Parquet and manifests (output).
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// Human-readable location, for logs and the manifest.
+    fn location(&self) -> String;
+
+    /// One page of at most `limit` keys under `prefix` (`""` for all), after `token`.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+        limit: usize,
+    ) -> Result<ListPage, StorageError>;
+
+    /// The whole object.
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+
+    /// Writes `bytes` under `key` atomically: readers see the old object or the whole new one.
+    async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError>;
+
+    /// Moves the finished local file `path` to `key` atomically (rename or upload).
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+
+    /// Deletes `key`; deleting a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// A local directory where files destined for this store can be staged so that
+    /// [`put_file`](Self::put_file) is a cheap rename; `None` to use the system temp dir.
+    fn staging_dir(&self) -> Option<PathBuf>;
+}
+
+/// Opens a location given on the command line: a local directory (created if `create`).
+pub fn open(location: &str, create: bool) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    if location.contains("://") && !location.starts_with("file://") {
+        return Err(StorageError::Unsupported(location.to_string()));
+    }
+    let path = location.strip_prefix("file://").unwrap_or(location);
+    Ok(Arc::new(local::LocalStore::open(Path::new(path), create)?))
+}
+
+/// Order of keys in listings: component by component, so that a directory's keys stay
+/// together (`a/x` < `a b/x`, unlike plain string order).
+pub fn key_order(a: &str, b: &str) -> Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
+/// Lists every object under `prefix`, page by page, calling `on_page` as pages arrive.
+pub async fn list_all(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    page_size: usize,
+    mut on_page: impl FnMut(Vec<ObjectMeta>) -> bool,
+) -> Result<(), StorageError> {
+    let mut token = None;
+    loop {
+        let page = store.list_page(prefix, token, page_size).await?;
+        if !on_page(page.objects) {
+            return Ok(());
+        }
+        match page.next {
+            Some(next) => token = Some(next),
+            None => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The `verger` binary as a user runs it: exit codes, the summary line, clear fatal errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn verger() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verger"));
+    cmd.env("VERGER_WEIGHTS", weights());
+    cmd
+}
+
+#[test]
+fn run_prints_a_summary_and_exits_zero_even_with_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in/Lemon");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::copy(
+        sample_dir().join("Test/lemon/r_147_100.jpg"),
+        input.join("a.jpg"),
+    )
+    .unwrap();
+    std::fs::write(input.join("broken.jpg"), b"nope").unwrap();
+    let out = verger()
+        .args(["run", "-w", "1", "--input"])
+        .arg(dir.path().join("in"))
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("embedded 1, errors 1"), "{stdout}");
+    assert!(stdout.contains("images/s"), "{stdout}");
+}
+
+#[test]
+fn missing_input_is_fatal_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let out = verger()
+        .args(["run", "--input"])
+        .arg(&missing)
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+}
+
+#[test]
+fn unwritable_output_is_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = verger()
+        .args(["run", "--input"])
+        .arg(sample_dir().join("Test"))
+        .arg("--output")
+        .arg(blocker.join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a-file"));
+}
+
+#[test]
+fn wrong_weights_file_is_refused_with_its_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake.pth");
+    std::fs::write(&fake, b"not weights").unwrap();
+    let out = verger()
+        .env("VERGER_WEIGHTS", &fake)
+        .args(["run", "--input"])
+        .arg(sample_dir().join("Test"))
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SHA-256"), "{stderr}");
+    assert!(!dir.path().join("out/_manifest").exists());
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let out = verger().args(["run", "--frobnicate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

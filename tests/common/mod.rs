@@ -1,0 +1,153 @@
+//! Shared test harness: where the shared sample data lives, one cached copy of the weights,
+//! reading Parquet output back, and small vector helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
+
+/// `../shared` beside the project (CI clones it there), or `$VERGER_SHARED`.
+pub fn shared_dir() -> PathBuf {
+    let dir = std::env::var_os("VERGER_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    assert!(
+        dir.join("reference").is_dir(),
+        "shared data not found at {} (set VERGER_SHARED)",
+        dir.display()
+    );
+    dir
+}
+
+/// The Fruits-360 sample: `Training/<Class>/*.jpg` and `Test/<Class>/*.jpg`.
+pub fn sample_dir() -> PathBuf {
+    shared_dir().join("data/fruits-360-sample")
+}
+
+/// The verified weights, fetched once per machine into the default cache by verger's own code.
+pub fn weights() -> PathBuf {
+    static WEIGHTS: OnceLock<PathBuf> = OnceLock::new();
+    WEIGHTS
+        .get_or_init(|| {
+            weights_file::ensure_weights(&ModelSpec::efficientnet_lite0(), None, None)
+                .expect("weights available (verger model fetch)")
+        })
+        .clone()
+}
+
+/// An embedder on the default backend.
+pub fn embedder() -> Embedder {
+    Embedder::load(
+        &ModelSpec::efficientnet_lite0(),
+        &weights(),
+        Backend::default(),
+    )
+    .expect("weights load")
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += x as f64 * x as f64;
+        bb += y as f64 * y as f64;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Reference rows: (relative path, 1280 floats), from `reference/paths.txt` and `features_224.f32`.
+pub fn reference_rows() -> Vec<(String, Vec<f32>)> {
+    let r = shared_dir().join("reference");
+    let paths = std::fs::read_to_string(r.join("paths.txt")).unwrap();
+    let raw = std::fs::read(r.join("features_224.f32")).unwrap();
+    let floats: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let rows: Vec<_> = paths
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    assert_eq!(floats.len(), rows.len() * 1280);
+    rows.into_iter()
+        .zip(floats.chunks_exact(1280).map(<[f32]>::to_vec))
+        .collect()
+}
+
+use verger::dataflow::{RunConfig, Summary};
+use verger::sink::reader::Table;
+use verger::source::EpochPolicy;
+
+/// One embedder shared by the tests of a binary (the weights are loaded once).
+pub fn shared_embedder() -> &'static Embedder {
+    static EMBEDDER: OnceLock<Embedder> = OnceLock::new();
+    EMBEDDER.get_or_init(embedder)
+}
+
+/// A run configuration for tests: `workers` threads, `epoch_keys` keys per epoch.
+pub fn config(input: &Path, output: &Path, workers: usize, epoch_keys: usize) -> RunConfig {
+    RunConfig {
+        input: input.to_str().unwrap().to_string(),
+        prefix: String::new(),
+        output: output.to_str().unwrap().to_string(),
+        workers,
+        epochs: EpochPolicy {
+            epoch_keys,
+            ..EpochPolicy::default()
+        },
+        batch_size: 16,
+        fetch_concurrency: 8,
+    }
+}
+
+/// Runs the pipeline in-process.
+pub fn run(config: &RunConfig) -> Summary {
+    verger::dataflow::run(config, shared_embedder()).expect("run succeeds")
+}
+
+/// The committed content of an output directory.
+pub fn read_output(output: &Path) -> Table {
+    let store = verger::storage::open(output.to_str().unwrap(), false).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(verger::sink::reader::read_table(store.as_ref()))
+        .unwrap()
+}
+
+/// Every file under `dir`, as `/`-separated keys relative to it.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                out.push(rel.to_str().unwrap().replace('\\', "/"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Copies a directory tree.
+pub fn copy_tree(from: &Path, to: &Path) {
+    for key in files_under(from) {
+        let target = to.join(&key);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(from.join(&key), target).unwrap();
+    }
+}

@@ -1,0 +1,185 @@
+//! The whole pipeline on the local filesystem, on the real Fruits-360 sample.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use common::*;
+use verger::evaluate::nearest_centroid_accuracy;
+use verger::record::Embedded;
+
+const SAMPLE_IMAGES: usize = 2_624;
+
+/// The sample featurized once with 2 workers and 512-key epochs, shared by several tests.
+fn sample_output() -> &'static (tempfile::TempDir, PathBuf) {
+    static OUT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let summary = run(&config(&sample_dir(), &out, 2, 512));
+        assert_eq!(summary.embedded as usize, SAMPLE_IMAGES);
+        assert_eq!(summary.errors, 0);
+        assert_eq!(summary.epochs, 6, "2,624 keys in epochs of 512");
+        (dir, out)
+    })
+}
+
+fn by_key(rows: Vec<Embedded>) -> BTreeMap<String, Embedded> {
+    let n = rows.len();
+    let map: BTreeMap<_, _> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
+    assert_eq!(map.len(), n, "a key appears twice");
+    map
+}
+
+#[test]
+fn sample_gives_one_row_per_image_with_its_folder_as_label() {
+    let (_, out) = sample_output();
+    let table = read_output(out);
+    assert!(table.errors.is_empty(), "{:?}", table.errors);
+    let rows = by_key(table.rows);
+    let images: HashSet<String> = files_under(&sample_dir()).into_iter().collect();
+    assert_eq!(images.len(), SAMPLE_IMAGES);
+    assert_eq!(rows.keys().cloned().collect::<HashSet<_>>(), images);
+    for (key, row) in &rows {
+        let folder = key.split('/').nth(1).unwrap();
+        assert_eq!(row.label.as_deref(), Some(folder), "{key}");
+        assert_eq!((row.width, row.height), (100, 100), "{key}");
+        assert_eq!(row.embedding.len(), 1280);
+        assert!(row.embedding.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn sample_classes_are_separable_by_nearest_centroid() {
+    let (_, out) = sample_output();
+    let rows = read_output(out).rows;
+    let train: Vec<_> = rows
+        .iter()
+        .filter(|r| r.key.starts_with("Training/"))
+        .collect();
+    let test: Vec<_> = rows.iter().filter(|r| r.key.starts_with("Test/")).collect();
+    let (accuracy, scored) = nearest_centroid_accuracy(&train, &test);
+    assert_eq!(scored, test.len());
+    assert!(scored > 600);
+    assert!(accuracy >= 0.98, "accuracy {accuracy}");
+}
+
+#[test]
+fn end_to_end_embeddings_match_pytorch_from_the_jpegs() {
+    let (_, out) = sample_output();
+    let rows = by_key(read_output(out).rows);
+    let mut cosines = Vec::new();
+    for (path, want) in reference_rows() {
+        let row = rows
+            .get(&path)
+            .unwrap_or_else(|| panic!("{path} not in output"));
+        let cos = cosine(&row.embedding, &want);
+        assert!(cos >= 0.98, "{path}: cosine {cos}");
+        cosines.push(cos);
+    }
+    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+    assert!(mean >= 0.99, "mean cosine {mean}");
+}
+
+#[test]
+fn one_worker_and_two_workers_give_the_same_rows() {
+    let (_, out) = sample_output();
+    let two = by_key(read_output(out).rows);
+    let dir = tempfile::tempdir().unwrap();
+    let one_out = dir.path().join("one");
+    // The Test half with one worker and small epochs (many epochs, many files).
+    let mut cfg = config(&sample_dir(), &one_out, 1, 150);
+    cfg.prefix = "Test/".into();
+    let summary = run(&cfg);
+    assert_eq!(summary.epochs, 5, "662 keys in epochs of 150");
+    let one = by_key(read_output(&one_out).rows);
+    assert_eq!(one.len(), 662);
+    for (key, row) in &one {
+        let other = &two[key];
+        assert_eq!(row.label, other.label);
+        assert!(
+            max_abs_diff(&row.embedding, &other.embedding) <= 1e-5,
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn rerun_adds_nothing_and_a_lost_manifest_is_redone_exactly() {
+    let (_, out) = sample_output();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("out");
+    copy_tree(out, &copy);
+    let before = by_key(read_output(&copy).rows);
+
+    let again = run(&config(&sample_dir(), &copy, 2, 512));
+    assert_eq!((again.embedded, again.errors, again.epochs), (0, 0, 0));
+    assert_eq!(again.source.listed as usize, SAMPLE_IMAGES);
+    assert_eq!(again.source.skipped as usize, SAMPLE_IMAGES);
+    assert_eq!(read_output(&copy).rows.len(), SAMPLE_IMAGES);
+
+    // Lose the commit of epoch 2: its files become leftovers, its keys uncommitted.
+    let manifest_path = copy.join("_manifest/0000000002.json");
+    let manifest: verger::sink::manifest::Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    std::fs::remove_file(&manifest_path).unwrap();
+    assert_eq!(
+        read_output(&copy).rows.len(),
+        SAMPLE_IMAGES - manifest.rows as usize
+    );
+
+    let redo = run(&config(&sample_dir(), &copy, 2, 512));
+    assert_eq!(
+        redo.embedded, manifest.rows,
+        "exactly the lost epoch is redone"
+    );
+    assert_eq!(redo.removed_leftovers, manifest.files.len());
+    let after = by_key(read_output(&copy).rows);
+    assert_eq!(after.len(), SAMPLE_IMAGES);
+    for (key, row) in &after {
+        assert!(
+            max_abs_diff(&row.embedding, &before[key].embedding) <= 1e-5,
+            "{key}"
+        );
+    }
+    // Nothing on disk outside what manifests list, and no staging leftovers.
+    let listed: HashSet<String> = read_manifests(&copy);
+    for key in files_under(&copy) {
+        assert!(
+            key.starts_with("_manifest/") || listed.contains(&key),
+            "stray file {key}"
+        );
+    }
+}
+
+fn read_manifests(out: &std::path::Path) -> HashSet<String> {
+    let mut files = HashSet::new();
+    for entry in std::fs::read_dir(out.join("_manifest")).unwrap() {
+        let m: verger::sink::manifest::Manifest =
+            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        files.extend(m.files.into_iter().map(|f| f.key));
+    }
+    files
+}
+
+#[test]
+fn manifests_count_the_rows_of_their_files() {
+    let (_, out) = sample_output();
+    let mut per_file: HashMap<String, u64> = HashMap::new();
+    let mut total = 0;
+    for entry in std::fs::read_dir(out.join("_manifest")).unwrap() {
+        let m: verger::sink::manifest::Manifest =
+            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        assert_eq!(m.rows, m.files.iter().map(|f| f.rows).sum::<u64>());
+        assert!(m.files.len() <= 2, "one data file per worker per epoch");
+        total += m.rows;
+        for f in m.files {
+            let bytes = std::fs::metadata(out.join(&f.key)).unwrap().len();
+            assert_eq!(bytes, f.bytes, "{}", f.key);
+            per_file.insert(f.key, f.rows);
+        }
+    }
+    assert_eq!(total as usize, SAMPLE_IMAGES);
+}
