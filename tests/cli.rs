@@ -17,11 +17,8 @@ fn run_prints_a_summary_and_exits_zero_even_with_bad_files() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in/Lemon");
     std::fs::create_dir_all(&input).unwrap();
-    std::fs::copy(
-        sample_dir().join("Test/lemon/r_147_100.jpg"),
-        input.join("a.jpg"),
-    )
-    .unwrap();
+    let (lemon, _) = &reference_rows()[10];
+    std::fs::copy(sample_dir().join(lemon), input.join("a.jpg")).unwrap();
     std::fs::write(input.join("broken.jpg"), b"nope").unwrap();
     let out = verger()
         .args(["run", "-w", "1", "--input"])
