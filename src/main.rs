@@ -72,8 +72,9 @@ struct EngineArgs {
     /// Most epochs released but not committed at once (backpressure).
     #[arg(long, default_value_t = EpochPolicy::default().max_epochs_in_flight)]
     max_epochs_in_flight: u64,
-    /// Images per forward pass; also the decoded images in flight per worker.
-    #[arg(long, default_value_t = 16)]
+    /// Images per forward pass; also the decoded images in flight per worker. Small batches
+    /// measured fastest on CPU here (cache-resident activations) and use the least memory.
+    #[arg(long, default_value_t = 4)]
     batch_size: usize,
     /// Concurrent object reads per worker.
     #[arg(long, default_value_t = 16)]

@@ -105,7 +105,7 @@ pub fn config(input: &Path, output: &Path, workers: usize, epoch_keys: usize) ->
             epoch_keys,
             ..EpochPolicy::default()
         },
-        batch_size: 16,
+        batch_size: 4,
         fetch_concurrency: 8,
     }
 }
