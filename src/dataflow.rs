@@ -25,8 +25,8 @@ use crate::operators::{async_map, batch_ok, paced_map};
 use crate::record::{Embedded, Epoch, Failure, Fetched, Labelled, Outcome, Stage, WrittenFile};
 use crate::sink::manifest::{gather_epochs, Committed, Manifest};
 use crate::sink::{self, Naming, StagedFile};
-use crate::source::{self, EpochPolicy, SourceStats};
-use crate::storage::{self, ObjectMeta, ObjectStore};
+use crate::source::{self, EpochPolicy, KeyFilter, SourceStats};
+use crate::storage::{self, ObjectMeta, ObjectStore, StoreOptions};
 
 /// Everything a run needs, resolved (weights already loaded).
 #[derive(Clone, Debug)]
@@ -45,6 +45,10 @@ pub struct RunConfig {
     pub batch_size: usize,
     /// Concurrent reads per worker.
     pub fetch_concurrency: usize,
+    /// Which listed keys to process.
+    pub filter: KeyFilter,
+    /// How remote stores are reached.
+    pub store: StoreOptions,
 }
 
 /// Why a run stopped early.
@@ -189,8 +193,8 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         .thread_name("verger-io")
         .build()
         .map_err(|e| RunError::Fatal(format!("cannot start the I/O runtime: {e}")))?;
-    let input = storage::open(&config.input, false)?;
-    let output = storage::open(&config.output, true)?;
+    let input = runtime.block_on(storage::open(&config.input, false, &config.store))?;
+    let output = runtime.block_on(storage::open(&config.output, true, &config.store))?;
 
     // Resume: what is committed stays; leftovers of uncommitted epochs go.
     let committed = runtime.block_on(Committed::load(output.as_ref()))?;
@@ -209,6 +213,7 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         .staging_dir()
         .unwrap_or_else(std::env::temp_dir)
         .join(&run_id);
+    let staging_dir = staging.clone();
     let model = embedder.spec().name.clone();
     let fatal: Arc<Mutex<Option<String>>> = Arc::default();
     let handle = runtime.handle().clone();
@@ -312,6 +317,7 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 &probe,
                 pages,
                 &committed_keys,
+                &config.filter,
                 &config.epochs,
                 &stop,
             ) {
@@ -347,8 +353,9 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
             summary.source = part.source;
         }
     }
-    if let Some(staging) = output.staging_dir() {
-        let _ = std::fs::remove_dir_all(staging);
+    let _ = std::fs::remove_dir_all(&staging_dir);
+    if let Some(parent) = output.staging_dir() {
+        let _ = std::fs::remove_dir(parent); // only if empty: another run may be staging
     }
     if let Some(reason) = fatal.lock().expect("fatal lock").take() {
         return Err(RunError::Fatal(reason));

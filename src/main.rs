@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use verger::dataflow::{self, RunConfig, Summary};
 use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
-use verger::source::EpochPolicy;
+use verger::source::{EpochPolicy, KeyFilter};
+use verger::storage::StoreOptions;
 
 /// verger turns a folder (or bucket) of images into a labelled Parquet table of CNN embeddings.
 ///
@@ -33,8 +34,10 @@ enum Command {
     Model(ModelCommand),
     /// Summarise what an output holds (committed epochs only).
     Inspect {
-        /// The output directory of a run.
+        /// The output of a run: a directory or s3://bucket/prefix.
         output: String,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -76,24 +79,71 @@ struct EngineArgs {
     /// measured fastest on CPU here (cache-resident activations) and use the least memory.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Concurrent object reads per worker.
+    /// Concurrent object reads (GETs) per worker.
     #[arg(long, default_value_t = 16)]
     fetch_concurrency: usize,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// How S3 is reached. Credentials and region come from the AWS default chain (environment,
+/// profile, web identity, EC2 instance role), never from the command line.
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// S3 endpoint of an S3-compatible store (or set AWS_ENDPOINT_URL).
+    #[arg(long)]
+    endpoint_url: Option<String>,
+    /// Path-style S3 addressing (endpoint/bucket/key), needed by most S3-compatible stores.
+    #[arg(long)]
+    path_style: bool,
+    /// Attempts per S3 request, the first included; throttling (503 SlowDown), 5xx, timeouts and
+    /// connection resets are retried with exponential backoff and jitter.
+    #[arg(long, default_value_t = StoreOptions::default().max_attempts)]
+    s3_max_attempts: u32,
+    /// Adaptive retry mode: also rate-limit requests on the client when throttled.
+    #[arg(long)]
+    s3_adaptive_retry: bool,
+    /// Output files of at least this many MiB are uploaded with multipart upload.
+    #[arg(long, default_value_t = StoreOptions::default().multipart_threshold >> 20)]
+    multipart_threshold_mib: usize,
+    /// Part size of multipart uploads, in MiB (at least 5).
+    #[arg(long, default_value_t = StoreOptions::default().part_size >> 20)]
+    part_size_mib: usize,
+}
+
+impl StoreArgs {
+    fn options(&self) -> StoreOptions {
+        StoreOptions {
+            endpoint_url: self.endpoint_url.clone(),
+            path_style: self.path_style,
+            max_attempts: self.s3_max_attempts.max(1),
+            adaptive_retry: self.s3_adaptive_retry,
+            multipart_threshold: self.multipart_threshold_mib.max(5) << 20,
+            part_size: self.part_size_mib.max(5) << 20,
+        }
+    }
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Input: a directory of images (searched recursively).
+    /// Input: a directory of images (searched recursively) or s3://bucket/prefix.
     #[arg(long)]
     input: String,
-    /// Output: a directory for Parquet and manifests (created if missing).
+    /// Output: a directory (created if missing) or s3://bucket/prefix for Parquet and manifests.
     #[arg(long)]
     output: String,
     /// Only keys under this prefix of the input (e.g. `Training/`).
     #[arg(long, default_value = "")]
     prefix: String,
+    /// Only keys matching one of these globs (case-insensitive; `*` crosses folders), e.g.
+    /// `--include '*.jpg' --include '*.png'`. Default: every key.
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave out keys matching one of these globs, e.g. `--exclude 'Test/**'`.
+    #[arg(long)]
+    exclude: Vec<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -123,7 +173,13 @@ fn load_embedder(args: &ModelArgs) -> Result<Embedder> {
         .with_context(|| format!("loading {}", path.display()))
 }
 
-fn run_job(input: &str, output: &str, prefix: &str, engine: &EngineArgs) -> Result<Summary> {
+fn run_job(
+    input: &str,
+    output: &str,
+    prefix: &str,
+    filter: KeyFilter,
+    engine: &EngineArgs,
+) -> Result<Summary> {
     let embedder = load_embedder(&engine.model)?;
     let config = RunConfig {
         input: input.to_string(),
@@ -138,6 +194,8 @@ fn run_job(input: &str, output: &str, prefix: &str, engine: &EngineArgs) -> Resu
         },
         batch_size: engine.batch_size.max(1),
         fetch_concurrency: engine.fetch_concurrency.max(1),
+        filter,
+        store: engine.store.options(),
     };
     let summary = dataflow::run(&config, &embedder)?;
     println!(
@@ -154,9 +212,9 @@ fn run_job(input: &str, output: &str, prefix: &str, engine: &EngineArgs) -> Resu
     Ok(summary)
 }
 
-fn inspect(output: &str) -> Result<()> {
-    let store = verger::storage::open(output, false)?;
+fn inspect(output: &str, store: &StoreArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
+    let store = runtime.block_on(verger::storage::open(output, false, &store.options()))?;
     let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
     println!(
         "{output}: {} committed epochs, {} rows, {} error records",
@@ -198,8 +256,14 @@ fn demo(args: &DemoArgs) -> Result<()> {
             .with_context(|| format!("writing demo images to {}", input.display()))?;
         println!("wrote {n} demo images under {}", input.display());
     }
-    run_job(&path_str(&input)?, &path_str(&output)?, "", &args.engine)?;
-    inspect(&path_str(&output)?)
+    run_job(
+        &path_str(&input)?,
+        &path_str(&output)?,
+        "",
+        KeyFilter::default(),
+        &args.engine,
+    )?;
+    inspect(&path_str(&output)?, &args.engine.store)
 }
 
 fn path_str(p: &Path) -> Result<String> {
@@ -216,7 +280,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            run_job(&args.input, &args.output, &args.prefix, &args.engine).map(|_| ())
+            let filter = KeyFilter::new(&args.include, &args.exclude)
+                .context("bad --include/--exclude glob")?;
+            run_job(
+                &args.input,
+                &args.output,
+                &args.prefix,
+                filter,
+                &args.engine,
+            )
+            .map(|_| ())
         }
         Command::Demo(args) => demo(&args),
         Command::Model(ModelCommand::Fetch(args)) => {
@@ -228,6 +301,6 @@ fn main() -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Inspect { output } => inspect(&output),
+        Command::Inspect { output, store } => inspect(&output, &store),
     }
 }

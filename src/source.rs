@@ -8,6 +8,8 @@
 //! size of the input.
 
 use std::collections::HashSet;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,41 @@ impl Default for EpochPolicy {
     }
 }
 
+/// Which listed keys are processed: those matching an include glob (all when none is given)
+/// and no exclude glob. Globs are matched case-insensitively against the whole key, and `*`
+/// crosses folders: `*.jpg` takes every JPEG at any depth.
+#[derive(Clone, Debug, Default)]
+pub struct KeyFilter {
+    include: Option<GlobSet>,
+    exclude: Option<GlobSet>,
+}
+
+impl KeyFilter {
+    /// Builds a filter; an invalid glob is an error naming it.
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Self, globset::Error> {
+        let set = |patterns: &[String]| -> Result<Option<GlobSet>, globset::Error> {
+            if patterns.is_empty() {
+                return Ok(None);
+            }
+            let mut builder = GlobSetBuilder::new();
+            for p in patterns {
+                builder.add(GlobBuilder::new(p).case_insensitive(true).build()?);
+            }
+            builder.build().map(Some)
+        };
+        Ok(Self {
+            include: set(include)?,
+            exclude: set(exclude)?,
+        })
+    }
+
+    /// Whether `key` is to be processed.
+    pub fn accepts(&self, key: &str) -> bool {
+        self.include.as_ref().is_none_or(|g| g.is_match(key))
+            && !self.exclude.as_ref().is_some_and(|g| g.is_match(key))
+    }
+}
+
 /// What the source saw.
 #[derive(Clone, Debug, Default)]
 pub struct SourceStats {
@@ -56,6 +93,8 @@ pub struct SourceStats {
     pub listed: u64,
     /// Objects skipped because already committed.
     pub skipped: u64,
+    /// Objects left out by the include/exclude globs.
+    pub filtered: u64,
     /// Objects released into the dataflow.
     pub released: u64,
     /// Epochs released.
@@ -103,6 +142,7 @@ pub fn drive(
     probe: &ProbeHandle<Epoch>,
     mut pages: tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, StorageError>>,
     committed: &HashSet<String>,
+    filter: &KeyFilter,
     policy: &EpochPolicy,
     stop: &dyn Fn() -> bool,
 ) -> Result<SourceStats, StorageError> {
@@ -138,6 +178,10 @@ pub fn drive(
         };
         for object in page {
             stats.listed += 1;
+            if !filter.accepts(&object.key) {
+                stats.filtered += 1;
+                continue;
+            }
             if committed.contains(&object.key) {
                 stats.skipped += 1;
                 continue;
@@ -158,4 +202,39 @@ pub fn drive(
         stats.epochs += 1;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyFilter;
+
+    fn f(include: &[&str], exclude: &[&str]) -> KeyFilter {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        KeyFilter::new(&v(include), &v(exclude)).unwrap()
+    }
+
+    #[test]
+    fn no_globs_accept_everything() {
+        assert!(f(&[], &[]).accepts("a/b/c.txt"));
+    }
+
+    #[test]
+    fn include_by_extension_at_any_depth_ignoring_case() {
+        let filter = f(&["*.jpg", "*.png"], &[]);
+        assert!(filter.accepts("Training/Apple Red 1/r_3_100.jpg"));
+        assert!(filter.accepts("x.PNG"));
+        assert!(!filter.accepts("Training/notes.txt"));
+    }
+
+    #[test]
+    fn exclude_wins_over_include() {
+        let filter = f(&["*.jpg"], &["Test/**"]);
+        assert!(filter.accepts("Training/a/1.jpg"));
+        assert!(!filter.accepts("Test/a/1.jpg"));
+    }
+
+    #[test]
+    fn bad_glob_is_an_error() {
+        assert!(KeyFilter::new(&["a[".to_string()], &[]).is_err());
+    }
 }

@@ -118,7 +118,8 @@ impl Committed {
     }
 
     /// Deletes data and error files that no manifest lists (leftovers of uncommitted epochs)
-    /// and the local staging area. Returns how many objects were removed.
+    /// multipart uploads left open, and the local staging area. Returns how many objects and
+    /// uploads were removed.
     pub async fn remove_uncommitted(&self, store: &dyn ObjectStore) -> Result<usize, SinkError> {
         let committed = self.files();
         let mut doomed = Vec::new();
@@ -137,10 +138,11 @@ impl Committed {
             tracing::info!(key, "removing leftover of an uncommitted epoch");
             store.delete(key).await?;
         }
+        let aborted = store.abort_incomplete_uploads().await?;
         if let Some(staging) = store.staging_dir() {
             let _ = std::fs::remove_dir_all(staging);
         }
-        Ok(doomed.len())
+        Ok(doomed.len() + aborted)
     }
 }
 

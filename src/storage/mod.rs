@@ -1,10 +1,11 @@
 //! Object storage: where images are read from and Parquet is written to.
 //!
 //! One small async trait, [`ObjectStore`], with a local-directory implementation (the embedded
-//! default: no cloud needed). Keys are `/`-separated paths relative to the store's root
+//! default: no cloud needed) and an S3 one (`s3://bucket/prefix`). Keys are `/`-separated paths relative to the store's root
 //! (`Training/Apple Red 1/r_3_100.jpg`), whatever the backing store.
 
 pub mod local;
+pub mod s3;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,8 +30,16 @@ pub enum StorageError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A remote store answered with an error (after the SDK's retries).
+    #[error("{key}: {reason}")]
+    Remote {
+        /// The key, or the store's location for listings.
+        key: String,
+        /// The error and its causes.
+        reason: String,
+    },
     /// A location string verger cannot open.
-    #[error("unsupported location `{0}` (expected a local directory)")]
+    #[error("unsupported location `{0}` (expected a local directory or s3://bucket/prefix)")]
     Unsupported(String),
 }
 
@@ -78,13 +87,57 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Deletes `key`; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
+    /// Aborts multipart uploads left open under this store's root by an earlier run that
+    /// died mid-upload. Returns how many were aborted.
+    async fn abort_incomplete_uploads(&self) -> Result<usize, StorageError> {
+        Ok(0)
+    }
+
     /// A local directory where files destined for this store can be staged so that
     /// [`put_file`](Self::put_file) is a cheap rename; `None` to use the system temp dir.
     fn staging_dir(&self) -> Option<PathBuf>;
 }
 
-/// Opens a location given on the command line: a local directory (created if `create`).
-pub fn open(location: &str, create: bool) -> Result<Arc<dyn ObjectStore>, StorageError> {
+/// How remote stores are reached; ignored by local directories.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// S3 endpoint for S3-compatible stores (`AWS_ENDPOINT_URL` is honoured too).
+    pub endpoint_url: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
+    pub path_style: bool,
+    /// Attempts per request, the first included (throttling, 5xx, timeouts, resets).
+    pub max_attempts: u32,
+    /// Use the SDK's adaptive retry mode (client-side rate limiting) instead of standard.
+    pub adaptive_retry: bool,
+    /// Files at least this large are uploaded in parts.
+    pub multipart_threshold: usize,
+    /// Size of each part (S3 requires at least 5 MiB but for the last).
+    pub part_size: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            endpoint_url: None,
+            path_style: false,
+            max_attempts: 10,
+            adaptive_retry: false,
+            multipart_threshold: 16 << 20,
+            part_size: 8 << 20,
+        }
+    }
+}
+
+/// Opens a location given on the command line: `s3://bucket/prefix`, or a local directory
+/// (created if `create`).
+pub async fn open(
+    location: &str,
+    create: bool,
+    options: &StoreOptions,
+) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    if location.starts_with("s3://") {
+        return Ok(Arc::new(s3::S3Store::open(location, options).await?));
+    }
     if location.contains("://") && !location.starts_with("file://") {
         return Err(StorageError::Unsupported(location.to_string()));
     }

@@ -1,0 +1,330 @@
+//! S3 in and out, against a real S3 server (SeaweedFS on loopback), with faults.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::fault_proxy::FaultProxy;
+use common::s3util::*;
+use common::seaweed::{require_weed, SeaweedFs};
+use common::*;
+use verger::dataflow::RunConfig;
+use verger::record::{Embedded, Stage};
+use verger::storage::{ObjectMeta, StoreOptions};
+
+const SAMPLE_IMAGES: usize = 2_624;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+fn s3_config(
+    input: &str,
+    output: &str,
+    workers: usize,
+    epoch_keys: usize,
+    store: StoreOptions,
+) -> RunConfig {
+    let mut cfg = config(
+        std::path::Path::new("."),
+        std::path::Path::new("."),
+        workers,
+        epoch_keys,
+    );
+    cfg.input = input.to_string();
+    cfg.output = output.to_string();
+    cfg.store = store;
+    cfg
+}
+
+fn by_key(rows: Vec<Embedded>) -> BTreeMap<String, Embedded> {
+    let n = rows.len();
+    let map: BTreeMap<_, _> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
+    assert_eq!(map.len(), n, "a key appears twice");
+    map
+}
+
+/// The sample through S3 both ways: every image once, same embeddings as from local disk,
+/// listing over several pages, big files uploaded in parts, nothing left open.
+#[test]
+fn sample_from_s3_to_s3_equals_the_local_run() {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let endpoint = server.endpoint();
+    let rt = rt();
+    let client = rt.block_on(client(&endpoint));
+    rt.block_on(create_bucket(&client, "fruits"));
+    let uploaded = rt.block_on(upload_dir(&client, "fruits", "in/", &sample_dir(), |_| {
+        true
+    }));
+    assert_eq!(uploaded.len(), SAMPLE_IMAGES);
+
+    // A multipart upload left open by an "earlier crashed run": the run aborts it.
+    rt.block_on(async {
+        client
+            .create_multipart_upload()
+            .bucket("fruits")
+            .key("out/data/e0000000007-w0000-crashed.parquet")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(open_uploads(&client, "fruits", "out/").await, 1);
+    });
+
+    // 2 MiB multipart threshold and one epoch: each worker's file (~4.5 MiB) goes up as a
+    // multipart upload.
+    let mut store = options(&endpoint);
+    store.multipart_threshold = 2 << 20;
+    let cfg = s3_config(
+        "s3://fruits/in",
+        "s3://fruits/out",
+        2,
+        SAMPLE_IMAGES,
+        store.clone(),
+    );
+    let summary = run(&cfg);
+    assert_eq!(
+        (summary.embedded as usize, summary.errors),
+        (SAMPLE_IMAGES, 0)
+    );
+    assert_eq!(summary.removed_leftovers, 1, "the open upload was aborted");
+    assert_eq!(
+        summary.source.listed as usize, SAMPLE_IMAGES,
+        "3 listing pages of <= 1000"
+    );
+
+    let from_s3 = by_key(read_location("s3://fruits/out", &store).rows);
+    assert_eq!(from_s3.len(), SAMPLE_IMAGES);
+
+    let dir = tempfile::tempdir().unwrap();
+    run(&config(&sample_dir(), dir.path(), 2, 512));
+    let local = by_key(read_output(dir.path()).rows);
+    assert_eq!(
+        local.keys().collect::<Vec<_>>(),
+        from_s3.keys().collect::<Vec<_>>()
+    );
+    for (key, row) in &local {
+        assert_eq!(row.label, from_s3[key].label);
+        assert!(
+            max_abs_diff(&row.embedding, &from_s3[key].embedding) <= 1e-5,
+            "{key}"
+        );
+    }
+
+    // Files over the threshold were uploaded in parts (multipart ETags end in -<parts>).
+    let big = rt.block_on(async {
+        let mut big = 0;
+        for key in list_keys(&client, "fruits", "out/data/").await {
+            let head = client
+                .head_object()
+                .bucket("fruits")
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            if head.content_length().unwrap_or(0) >= 2 << 20 {
+                let etag = head.e_tag().unwrap_or_default().to_string();
+                assert!(
+                    etag.contains('-'),
+                    "{key} ({etag}) was not a multipart upload"
+                );
+                big += 1;
+            }
+        }
+        big
+    });
+    assert!(big >= 1, "no output file reached the multipart threshold");
+    rt.block_on(assert_clean_output(&client, "fruits", "out/"));
+}
+
+/// A file over the threshold goes up in 5 MiB parts and comes back byte for byte.
+#[test]
+fn large_file_is_uploaded_in_parts_and_reads_back_equal() {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let rt = rt();
+    let client = rt.block_on(client(&server.endpoint()));
+    rt.block_on(create_bucket(&client, "parts"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    let data: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &data).unwrap();
+    let mut opts = options(&server.endpoint());
+    opts.multipart_threshold = 5 << 20;
+    opts.part_size = 5 << 20;
+    rt.block_on(async {
+        let store = verger::storage::open("s3://parts/out", false, &opts)
+            .await
+            .unwrap();
+        store.put_file("data/big.bin", &path).await.unwrap();
+        assert!(!path.exists(), "the staged file is removed once uploaded");
+        let back = store.get("data/big.bin").await.unwrap();
+        assert!(back[..] == data[..], "content differs");
+        let head = client
+            .head_object()
+            .bucket("parts")
+            .key("out/data/big.bin")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            head.e_tag().unwrap_or_default().ends_with("-3\""),
+            "{:?}",
+            head.e_tag()
+        );
+        assert_eq!(open_uploads(&client, "parts", "out/").await, 0);
+    });
+}
+
+/// 20% of requests answered 503 SlowDown and 5% of connections reset: every image is still
+/// committed exactly once, with no error record.
+#[test]
+fn throttling_and_resets_still_commit_every_image_exactly_once() {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let rt = rt();
+    let client = rt.block_on(client(&server.endpoint()));
+    rt.block_on(create_bucket(&client, "flaky"));
+    let keys = rt.block_on(upload_dir(&client, "flaky", "in/", &sample_dir(), |k| {
+        k.starts_with("Test/")
+    }));
+    let proxy = FaultProxy::start(&server.endpoint(), 0.2, 0.05, 42);
+
+    let cfg = s3_config(
+        "s3://flaky/in",
+        "s3://flaky/out",
+        2,
+        100,
+        options(&proxy.endpoint()),
+    );
+    let summary = run(&cfg);
+    assert_eq!((summary.embedded as usize, summary.errors), (keys.len(), 0));
+    assert!(
+        proxy.slowdowns() > 20,
+        "slowdowns injected: {}",
+        proxy.slowdowns()
+    );
+    assert!(proxy.resets() > 3, "resets injected: {}", proxy.resets());
+
+    let rows = by_key(read_location("s3://flaky/out", &options(&server.endpoint())).rows);
+    assert_eq!(rows.len(), keys.len());
+    assert!(keys.iter().all(|k| rows.contains_key(k)));
+    rt.block_on(assert_clean_output(&client, "flaky", "out/"));
+}
+
+/// The S3 server is killed mid-run and started again on its data: the run completes and
+/// nothing is lost.
+#[test]
+fn server_restart_mid_run_loses_nothing() {
+    require_weed();
+    s3_env();
+    let mut server = SeaweedFs::start();
+    let endpoint = server.endpoint();
+    let rt = rt();
+    let client = rt.block_on(client(&endpoint));
+    rt.block_on(create_bucket(&client, "restart"));
+    let keys = rt.block_on(upload_dir(&client, "restart", "in/", &sample_dir(), |k| {
+        k.starts_with("Training/apple/")
+    }));
+    let mut store = options(&endpoint);
+    store.max_attempts = 20;
+    let cfg = s3_config("s3://restart/in", "s3://restart/out", 2, 100, store.clone());
+    let running = std::thread::spawn(move || verger::dataflow::run(&cfg, shared_embedder()));
+    // Let some epochs commit, then take the server away for a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while rt
+        .block_on(list_keys(&client, "restart", "out/_manifest/"))
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no epoch committed in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    server.restart();
+    let summary = running.join().unwrap().expect("run survives the restart");
+    assert_eq!(summary.errors, 0);
+    let rows = by_key(read_location("s3://restart/out", &store).rows);
+    assert_eq!(rows.len(), keys.len());
+    rt.block_on(assert_clean_output(&client, "restart", "out/"));
+}
+
+/// A key deleted between listing and reading becomes a fetch error record saying so.
+#[test]
+fn object_deleted_after_listing_is_recorded_as_not_found() {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let rt = rt();
+    let client = rt.block_on(client(&server.endpoint()));
+    rt.block_on(create_bucket(&client, "gone"));
+    let failure = rt.block_on(async {
+        let store = verger::storage::open("s3://gone/in", false, &options(&server.endpoint()))
+            .await
+            .unwrap();
+        let meta = ObjectMeta {
+            key: "Lemon/vanished.jpg".into(),
+            size: 10,
+        };
+        verger::fetch::fetch(store, meta).await.unwrap_err()
+    });
+    assert_eq!(failure.stage, Stage::Fetch);
+    assert_eq!(failure.key, "Lemon/vanished.jpg");
+    assert!(failure.reason.contains("not found"), "{}", failure.reason);
+}
+
+/// The binary with S3 flags and credentials from the environment: works, and never prints
+/// the secret.
+#[test]
+fn cli_reads_and_writes_s3_without_printing_credentials() {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let rt = rt();
+    let client = rt.block_on(client(&server.endpoint()));
+    rt.block_on(create_bucket(&client, "cli"));
+    let keys = rt.block_on(upload_dir(&client, "cli", "in/", &sample_dir(), |k| {
+        k.starts_with("Test/lemon/1")
+    }));
+    assert!(!keys.is_empty());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verger"))
+        .env("VERGER_WEIGHTS", weights())
+        .env("VERGER_LOG", "debug")
+        .args([
+            "run",
+            "-w",
+            "2",
+            "--input",
+            "s3://cli/in",
+            "--output",
+            "s3://cli/out",
+            "--path-style",
+            "--include",
+            "*.JPG",
+        ])
+        .args(["--endpoint-url", &server.endpoint()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("embedded {}, errors 0", keys.len())),
+        "{stdout}"
+    );
+    let secret = common::seaweed::SECRET_KEY;
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "secret printed"
+    );
+    rt.block_on(assert_clean_output(&client, "cli", "out/"));
+}
