@@ -2,13 +2,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::*;
 use verger::evaluate::nearest_centroid_accuracy;
-use verger::record::Embedded;
 
 const SAMPLE_IMAGES: usize = 2_624;
 
@@ -24,13 +23,6 @@ fn sample_output() -> &'static (tempfile::TempDir, PathBuf) {
         assert_eq!(summary.epochs, 6, "2,624 keys in epochs of 512");
         (dir, out)
     })
-}
-
-fn by_key(rows: Vec<Embedded>) -> BTreeMap<String, Embedded> {
-    let n = rows.len();
-    let map: BTreeMap<_, _> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
-    assert_eq!(map.len(), n, "a key appears twice");
-    map
 }
 
 #[test]

@@ -71,3 +71,23 @@ fn imagenet_top1_matches_pytorch_with_the_classifier_kept() {
         want.len()
     );
 }
+
+#[cfg(feature = "ndarray")]
+#[test]
+fn ndarray_backend_gives_the_same_features_as_flex() {
+    use verger::embed::{Backend, Embedder, ModelSpec};
+    let ndarray = Embedder::load(
+        &ModelSpec::efficientnet_lite0(),
+        &weights(),
+        Backend::Ndarray,
+    )
+    .unwrap();
+    let flex = embedder();
+    let pixels = reference_pixels();
+    let refs: Vec<&[u8]> = pixels[..3].iter().map(Vec::as_slice).collect();
+    let a = ndarray.embed(&refs).unwrap();
+    let b = flex.embed(&refs).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert!(max_abs_diff(x, y) <= 1e-4, "{}", max_abs_diff(x, y));
+    }
+}

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::fault_proxy::FaultProxy;
@@ -10,7 +9,7 @@ use common::s3util::*;
 use common::seaweed::{require_weed, SeaweedFs};
 use common::*;
 use verger::dataflow::RunConfig;
-use verger::record::{Embedded, Stage};
+use verger::record::Stage;
 use verger::storage::{ObjectMeta, StoreOptions};
 
 const SAMPLE_IMAGES: usize = 2_624;
@@ -38,24 +37,23 @@ fn s3_config(
     cfg
 }
 
-fn by_key(rows: Vec<Embedded>) -> BTreeMap<String, Embedded> {
-    let n = rows.len();
-    let map: BTreeMap<_, _> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
-    assert_eq!(map.len(), n, "a key appears twice");
-    map
+/// A fresh S3 server with one bucket, a runtime and a plain client for setup and checks.
+fn server_with_bucket(bucket: &str) -> (SeaweedFs, tokio::runtime::Runtime, aws_sdk_s3::Client) {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let rt = rt();
+    let client = rt.block_on(client(&server.endpoint()));
+    rt.block_on(create_bucket(&client, bucket));
+    (server, rt, client)
 }
 
 /// The sample through S3 both ways: every image once, same embeddings as from local disk,
 /// listing over several pages, big files uploaded in parts, nothing left open.
 #[test]
 fn sample_from_s3_to_s3_equals_the_local_run() {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
+    let (server, rt, client) = server_with_bucket("fruits");
     let endpoint = server.endpoint();
-    let rt = rt();
-    let client = rt.block_on(client(&endpoint));
-    rt.block_on(create_bucket(&client, "fruits"));
     let uploaded = rt.block_on(upload_dir(&client, "fruits", "in/", &sample_dir(), |_| {
         true
     }));
@@ -142,12 +140,7 @@ fn sample_from_s3_to_s3_equals_the_local_run() {
 /// A file over the threshold goes up in 5 MiB parts and comes back byte for byte.
 #[test]
 fn large_file_is_uploaded_in_parts_and_reads_back_equal() {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
-    let rt = rt();
-    let client = rt.block_on(client(&server.endpoint()));
-    rt.block_on(create_bucket(&client, "parts"));
+    let (server, rt, client) = server_with_bucket("parts");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     let data: Vec<u8> = (0..12u32 << 20)
@@ -185,24 +178,16 @@ fn large_file_is_uploaded_in_parts_and_reads_back_equal() {
 /// committed exactly once, with no error record.
 #[test]
 fn throttling_and_resets_still_commit_every_image_exactly_once() {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
-    let rt = rt();
-    let client = rt.block_on(client(&server.endpoint()));
-    rt.block_on(create_bucket(&client, "flaky"));
+    let (server, rt, client) = server_with_bucket("flaky");
     let keys = rt.block_on(upload_dir(&client, "flaky", "in/", &sample_dir(), |k| {
         k.starts_with("Test/")
     }));
     let proxy = FaultProxy::start(&server.endpoint(), 0.2, 0.05, 42);
 
-    let cfg = s3_config(
-        "s3://flaky/in",
-        "s3://flaky/out",
-        2,
-        100,
-        options(&proxy.endpoint()),
-    );
+    // Every data file (~170 KiB) goes up as a multipart upload, so parts meet faults too.
+    let mut through_proxy = options(&proxy.endpoint());
+    through_proxy.multipart_threshold = 64 << 10;
+    let cfg = s3_config("s3://flaky/in", "s3://flaky/out", 2, 100, through_proxy);
     let summary = run(&cfg);
     assert_eq!((summary.embedded as usize, summary.errors), (keys.len(), 0));
     assert!(
@@ -222,13 +207,8 @@ fn throttling_and_resets_still_commit_every_image_exactly_once() {
 /// nothing is lost.
 #[test]
 fn server_restart_mid_run_loses_nothing() {
-    require_weed();
-    s3_env();
-    let mut server = SeaweedFs::start();
+    let (mut server, rt, client) = server_with_bucket("restart");
     let endpoint = server.endpoint();
-    let rt = rt();
-    let client = rt.block_on(client(&endpoint));
-    rt.block_on(create_bucket(&client, "restart"));
     let keys = rt.block_on(upload_dir(&client, "restart", "in/", &sample_dir(), |k| {
         k.starts_with("Training/apple/")
     }));
@@ -261,12 +241,7 @@ fn server_restart_mid_run_loses_nothing() {
 /// A key deleted between listing and reading becomes a fetch error record saying so.
 #[test]
 fn object_deleted_after_listing_is_recorded_as_not_found() {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
-    let rt = rt();
-    let client = rt.block_on(client(&server.endpoint()));
-    rt.block_on(create_bucket(&client, "gone"));
+    let (server, rt, _client) = server_with_bucket("gone");
     let failure = rt.block_on(async {
         let store = verger::storage::open("s3://gone/in", false, &options(&server.endpoint()))
             .await
@@ -286,12 +261,7 @@ fn object_deleted_after_listing_is_recorded_as_not_found() {
 /// the secret.
 #[test]
 fn cli_reads_and_writes_s3_without_printing_credentials() {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
-    let rt = rt();
-    let client = rt.block_on(client(&server.endpoint()));
-    rt.block_on(create_bucket(&client, "cli"));
+    let (server, rt, client) = server_with_bucket("cli");
     let keys = rt.block_on(upload_dir(&client, "cli", "in/", &sample_dir(), |k| {
         k.starts_with("Test/lemon/1")
     }));

@@ -135,6 +135,17 @@ pub fn read_location(location: &str, options: &verger::storage::StoreOptions) ->
     })
 }
 
+/// Rows by key, checking that no key appears twice.
+pub fn by_key(
+    rows: Vec<verger::record::Embedded>,
+) -> std::collections::BTreeMap<String, verger::record::Embedded> {
+    let n = rows.len();
+    let map: std::collections::BTreeMap<_, _> =
+        rows.into_iter().map(|r| (r.key.clone(), r)).collect();
+    assert_eq!(map.len(), n, "a key appears twice");
+    map
+}
+
 /// Every file under `dir`, as `/`-separated keys relative to it.
 pub fn files_under(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
