@@ -93,3 +93,31 @@ fn unknown_flag_is_a_usage_error() {
     let out = verger().args(["run", "--frobnicate"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn demo_makes_a_labelled_set_and_featurizes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = verger()
+        .args(["demo", "-w", "2", "--per-class", "6", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 6 training and 2 test images for each of the 4 classes.
+    assert!(stdout.contains("embedded 32, errors 0"), "{stdout}");
+    for class in verger::demo::CLASSES {
+        assert!(
+            stdout.contains(&format!("8  {class}")),
+            "{class} count in {stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("nearest-centroid accuracy on Test (8 images"),
+        "{stdout}"
+    );
+}
