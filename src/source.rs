@@ -8,10 +8,10 @@
 //! size of the input.
 
 use std::collections::HashSet;
-
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;

@@ -12,6 +12,18 @@ fn verger() -> Command {
     cmd
 }
 
+/// Runs `cmd`, asserts it exits 0 (showing its output otherwise) and returns its stdout.
+fn succeeds(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn run_prints_a_summary_and_exits_zero_even_with_bad_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -20,18 +32,12 @@ fn run_prints_a_summary_and_exits_zero_even_with_bad_files() {
     let (lemon, _) = &reference_rows()[10];
     std::fs::copy(sample_dir().join(lemon), input.join("a.jpg")).unwrap();
     std::fs::write(input.join("broken.jpg"), b"nope").unwrap();
-    let out = verger()
-        .args(["run", "-w", "1", "--input"])
-        .arg(dir.path().join("in"))
-        .arg("--output")
-        .arg(dir.path().join("out"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        verger()
+            .args(["run", "-w", "1", "--input"])
+            .arg(dir.path().join("in"))
+            .arg("--output")
+            .arg(dir.path().join("out")),
     );
     assert!(stdout.contains("embedded 1, errors 1"), "{stdout}");
     assert!(stdout.contains("images/s"), "{stdout}");
@@ -97,16 +103,10 @@ fn unknown_flag_is_a_usage_error() {
 #[test]
 fn demo_makes_a_labelled_set_and_featurizes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let out = verger()
-        .args(["demo", "-w", "2", "--per-class", "6", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        verger()
+            .args(["demo", "-w", "2", "--per-class", "6", "--dir"])
+            .arg(dir.path()),
     );
     // 6 training and 2 test images for each of the 4 classes.
     assert!(stdout.contains("embedded 32, errors 0"), "{stdout}");

@@ -133,7 +133,7 @@ impl S3Store {
         format!("{}{key}", self.root)
     }
 
-    async fn get_once(&self, key: &str) -> Result<Result<Bytes, StorageError>, StorageError> {
+    async fn get_once(&self, key: &str) -> Result<Bytes, StorageError> {
         let response = self
             .client
             .get_object()
@@ -150,8 +150,8 @@ impl S3Store {
             }
             Err(e) => return Err(remote(key, e)),
         };
-        // The SDK retries requests, not a body cut short: report it for a retry here.
-        Ok(output
+        // The SDK retries requests, not a body cut short: a Remote error is retried by `get`.
+        output
             .body
             .collect()
             .await
@@ -159,7 +159,7 @@ impl S3Store {
             .map_err(|e| StorageError::Remote {
                 key: key.to_string(),
                 reason: format!("reading the body: {}", DisplayErrorContext(&e)),
-            }))
+            })
     }
 
     async fn put_multipart(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -270,7 +270,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-        outage_retry(key, || async { self.get_once(key).await? }).await
+        outage_retry(key, || self.get_once(key)).await
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
