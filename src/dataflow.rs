@@ -26,6 +26,7 @@ use crate::record::{Embedded, Epoch, Failure, Fetched, Labelled, Outcome, Stage,
 use crate::sink::manifest::{gather_epochs, Committed, Manifest};
 use crate::sink::{self, Naming, StagedFile};
 use crate::source::{self, EpochPolicy, KeyFilter, SourceStats};
+use crate::stats::{self, StageClock, StageSeconds, TimedStage};
 use crate::storage::{self, ObjectMeta, ObjectStore, StoreOptions};
 
 /// Everything a run needs, resolved (weights already loaded).
@@ -51,6 +52,24 @@ pub struct RunConfig {
     pub store: StoreOptions,
 }
 
+impl RunConfig {
+    /// `input` to `output` with the command line's defaults: one worker, default epochs,
+    /// batches of 4, 16 reads in flight, every key, default store options.
+    pub fn new(input: impl Into<String>, output: impl Into<String>) -> Self {
+        Self {
+            input: input.into(),
+            prefix: String::new(),
+            output: output.into(),
+            workers: 1,
+            epochs: EpochPolicy::default(),
+            batch_size: 4,
+            fetch_concurrency: 16,
+            filter: KeyFilter::default(),
+            store: StoreOptions::default(),
+        }
+    }
+}
+
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -66,7 +85,7 @@ pub enum RunError {
 }
 
 /// What a run did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Rows committed by this run.
     pub embedded: u64,
@@ -80,6 +99,12 @@ pub struct Summary {
     pub removed_leftovers: usize,
     /// Wall time.
     pub seconds: f64,
+    /// Timely workers in this process.
+    pub workers: usize,
+    /// Busy time per compute stage, summed over this process's workers.
+    pub stages: StageSeconds,
+    /// Peak resident memory of the process, when the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 impl Summary {
@@ -187,6 +212,7 @@ fn unique_run_id() -> String {
 /// Featurizes every image of `config.input` not yet committed in `config.output`.
 pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError> {
     let started = Instant::now();
+    let workers = config.workers.max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -216,13 +242,15 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
     let staging_dir = staging.clone();
     let model = embedder.spec().name.clone();
     let fatal: Arc<Mutex<Option<String>>> = Arc::default();
+    let clock: Arc<StageClock> = Arc::default();
+    let clock_in = clock.clone();
     let handle = runtime.handle().clone();
     let config = config.clone();
     let embedder = embedder.clone();
     let fatal_in = fatal.clone();
     let (input_shared, output_shared) = (input.clone(), output.clone());
     let timely_config = timely::Config {
-        communication: CommunicationConfig::Process(config.workers.max(1)),
+        communication: CommunicationConfig::Process(workers),
         worker: WorkerConfig::default(),
     };
 
@@ -232,6 +260,8 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         let (input_store, output_store) = (input_shared.clone(), output_shared.clone());
         let embedder = embedder.clone();
         let side = embedder.spec().input_size;
+        let clock = clock_in.clone();
+        let (decode_clock, embed_clock) = (clock.clone(), clock.clone());
         let naming = Arc::new(Naming {
             staging: staging.clone(),
             worker: index,
@@ -258,16 +288,18 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 move |o| crate::fetch::fetch(store.clone(), o),
             );
             let labelled = paced_map(fetched, "DecodeLabel", config.batch_size, move |f| {
-                f.and_then(|f| decode_and_label(f, side))
+                decode_clock.time(TimedStage::Decode, || {
+                    f.and_then(|f| decode_and_label(f, side))
+                })
             });
             let outcomes = batch_ok(
                 labelled,
                 "Embed",
                 config.batch_size,
-                move |batch| embed_batch(&embedder, batch),
+                move |batch| embed_clock.time(TimedStage::Embed, || embed_batch(&embedder, batch)),
                 Outcome::Failed,
             );
-            let staged = sink::write_epochs(outcomes, naming);
+            let staged = sink::write_epochs(outcomes, naming, clock.clone());
             let store = output_store.clone();
             let written = async_map(staged, "Publish", rt.clone(), 4, move |s| {
                 publish(store.clone(), s)
@@ -361,5 +393,8 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         return Err(RunError::Fatal(reason));
     }
     summary.seconds = started.elapsed().as_secs_f64();
+    summary.workers = workers;
+    summary.stages = clock.seconds();
+    summary.peak_rss_bytes = stats::peak_rss_bytes();
     Ok(summary)
 }

@@ -119,6 +119,19 @@ pub fn normalise_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32]
     }
 }
 
+/// RGB8 pixels to normalised floats, interleaved (NHWC, the layout of verger's own kernels):
+/// `out[3p + c] = (rgb[3p + c] / 255 - mean[c]) / std[c]`.
+pub fn normalise_interleaved_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
+    assert_eq!(out.len(), rgb.len(), "output must hold every channel");
+    let scale = std.map(|s| 1.0 / (255.0 * s));
+    let shift = [0, 1, 2].map(|c| mean[c] / std[c]);
+    for (d, px) in out.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
+        for c in 0..3 {
+            d[c] = px[c] as f32 * scale[c] - shift[c];
+        }
+    }
+}
+
 /// A JPEG ends with the EOI marker `FF D9`; some writers append padding after it, so the
 /// last few hundred bytes are searched, as tolerant readers do.
 fn has_jpeg_end_marker(bytes: &[u8]) -> bool {
@@ -164,6 +177,13 @@ mod tests {
             expect(30.0, 2),
         ];
         for (a, b) in out.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Interleaved: the same values, pixel by pixel.
+        let mut nhwc = [0f32; 6];
+        normalise_interleaved_into(&rgb, mean, std, &mut nhwc);
+        let interleaved = [want[0], want[2], want[4], want[1], want[3], want[5]];
+        for (a, b) in nhwc.iter().zip(interleaved) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }

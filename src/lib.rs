@@ -6,6 +6,7 @@
 //! storage (local dir | s3) -> source (list, epochs) -> fetch -> decode -> label -> embed -> sink (Parquet + manifest)
 //! ```
 
+pub mod bench;
 pub mod dataflow;
 pub mod decode;
 pub mod demo;
@@ -17,4 +18,5 @@ pub mod operators;
 pub mod record;
 pub mod sink;
 pub mod source;
+pub mod stats;
 pub mod storage;

@@ -32,6 +32,8 @@ enum Command {
     /// Manage the pretrained weights.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Measure images/s at several worker counts on a replicated image set; print a table.
+    Bench(BenchArgs),
     /// Summarise what an output holds (committed epochs only).
     Inspect {
         /// The output of a run: a directory or s3://bucket/prefix.
@@ -55,7 +57,7 @@ struct ModelArgs {
     /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
     #[arg(long, env = "VERGER_MODEL_DIR")]
     model_dir: Option<PathBuf>,
-    /// Burn CPU backend.
+    /// Engine that runs the network: verger's own kernels (native), or a Burn CPU backend.
     #[arg(long, value_enum, default_value_t = Backend::default())]
     backend: Backend,
 }
@@ -82,6 +84,9 @@ struct EngineArgs {
     /// Concurrent object reads (GETs) per worker.
     #[arg(long, default_value_t = 16)]
     fetch_concurrency: usize,
+    /// Also write the run summary (counts, images/s, time per stage, peak RSS) to this JSON file.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -160,6 +165,28 @@ struct DemoArgs {
     engine: EngineArgs,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// A directory of images to replicate under new keys (e.g. the Fruits-360 sample).
+    #[arg(long)]
+    input: PathBuf,
+    /// Images per run.
+    #[arg(long, default_value_t = 5000)]
+    images: usize,
+    /// Worker counts, in order; speedup is against the first [default: 1, 2, 4, ... up to the
+    /// number of cores].
+    #[arg(long, value_delimiter = ',')]
+    workers: Vec<usize>,
+    /// Working directory for the replicated input and the outputs [default: a temporary one].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -209,6 +236,23 @@ fn run_job(
         summary.source.skipped,
         summary.seconds,
     );
+    let shares = summary
+        .stages
+        .shares(summary.seconds * summary.workers as f64);
+    println!(
+        "verger: worker time: embed {:.0}%, decode {:.0}%, write {:.0}%, other/idle {:.0}%; peak RSS {}",
+        shares.embed * 100.0,
+        shares.decode * 100.0,
+        shares.write * 100.0,
+        shares.other * 100.0,
+        summary
+            .peak_rss_bytes
+            .map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20)),
+    );
+    if let Some(path) = &engine.report_json {
+        let json = serde_json::to_vec_pretty(&summary)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(summary)
 }
 
@@ -301,6 +345,86 @@ fn main() -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Bench(args) => bench(&args),
         Command::Inspect { output, store } => inspect(&output, &store),
     }
+}
+
+/// Runs `verger run` once per worker count, each in its own process (own peak RSS), on the
+/// same replicated input, and prints the summary table.
+fn bench(args: &BenchArgs) -> Result<()> {
+    use clap::ValueEnum;
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let input = dir.join("input");
+    let n = verger::bench::replicate(&args.input, &input, args.images)
+        .with_context(|| format!("replicating {}", args.input.display()))?;
+    let workers = if args.workers.is_empty() {
+        let cores = default_workers();
+        std::iter::successors(Some(1), |w| Some(w * 2))
+            .take_while(|&w| w <= cores)
+            .collect()
+    } else {
+        args.workers.clone()
+    };
+    // Resolve the weights once, so every run finds them without downloading.
+    let weights = weights_file::ensure_weights(
+        &ModelSpec::efficientnet_lite0(),
+        args.model.weights.as_deref(),
+        args.model.model_dir.as_deref(),
+    )?;
+    let backend = args
+        .model
+        .backend
+        .to_possible_value()
+        .context("backend name")?;
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for &w in &workers {
+        let output = dir.join(format!("output-w{w}"));
+        let report = dir.join(format!("report-w{w}.json"));
+        let _ = std::fs::remove_dir_all(&output);
+        eprintln!("verger bench: {n} images, {w} workers ...");
+        let status = std::process::Command::new(&exe)
+            .arg("run")
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .arg("--workers")
+            .arg(w.to_string())
+            .arg("--batch-size")
+            .arg(args.batch_size.to_string())
+            .arg("--backend")
+            .arg(backend.get_name())
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--report-json")
+            .arg(&report)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "verger run with {w} workers failed: {status}"
+        );
+        let summary: Summary = serde_json::from_slice(&std::fs::read(&report)?)?;
+        let _ = std::fs::remove_dir_all(&output);
+        rows.push(verger::bench::BenchRow {
+            workers: w,
+            summary,
+        });
+    }
+    println!(
+        "{n} images, backend {}, batch {}\n",
+        backend.get_name(),
+        args.batch_size
+    );
+    print!("{}", verger::bench::table(&rows));
+    Ok(())
 }

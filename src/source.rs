@@ -87,7 +87,7 @@ impl KeyFilter {
 }
 
 /// What the source saw.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SourceStats {
     /// Objects listed.
     pub listed: u64,

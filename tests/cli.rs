@@ -121,3 +121,45 @@ fn demo_makes_a_labelled_set_and_featurizes_it() {
         "{stdout}"
     );
 }
+
+#[test]
+fn bench_replicates_the_input_and_tabulates_each_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    for (i, (path, _)) in reference_rows().iter().take(6).enumerate() {
+        let class = dir_of(path);
+        std::fs::create_dir_all(input.join(&class)).unwrap();
+        std::fs::copy(
+            sample_dir().join(path),
+            input.join(&class).join(format!("{i}.jpg")),
+        )
+        .unwrap();
+    }
+    let stdout = succeeds(
+        verger()
+            .args(["bench", "--images", "20", "--workers", "1,2", "--input"])
+            .arg(&input)
+            .arg("--dir")
+            .arg(dir.path().join("work")),
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for row in &rows {
+        // workers | images | seconds | images/s | speedup | shares... | peak RSS
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "20", "every replicated image embedded: {row}");
+        assert!(cells[4].parse::<f64>().unwrap() > 0.0, "{row}");
+        assert!(cells[10].ends_with("MiB"), "peak RSS reported: {row}");
+    }
+    assert!(rows[0].contains("| 1.00x |"), "{stdout}");
+    // 20 images from 6: rep000..rep003 prefixes in the work dir.
+    assert!(dir.path().join("work/input/rep003").is_dir());
+}
+
+/// The class folder of a sample path (`Test/<Class>/x.jpg`).
+fn dir_of(path: &str) -> String {
+    path.rsplit('/').nth(1).unwrap().to_string()
+}

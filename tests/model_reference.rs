@@ -19,23 +19,32 @@ fn reference_pixels() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Every engine compiled in (native, and the Burn backends) against PyTorch, row by row.
 #[test]
 fn features_match_pytorch_on_the_same_pixels() {
-    let embedder = embedder();
+    use clap::ValueEnum;
+    use verger::embed::{Backend, Embedder, ModelSpec};
     let reference = reference_rows();
     let pixels = reference_pixels();
     assert_eq!(pixels.len(), reference.len());
-    let mut rows = Vec::new();
-    for chunk in pixels.chunks(8) {
-        let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
-        rows.extend(embedder.embed(&refs).unwrap());
-    }
-    for (i, ((path, want), got)) in reference.iter().zip(&rows).enumerate() {
-        assert_eq!(got.len(), 1280);
-        let cos = cosine(got, want);
-        let diff = max_abs_diff(got, want);
-        assert!(cos >= 0.9999, "row {i} ({path}): cosine {cos}");
-        assert!(diff <= 1e-3, "row {i} ({path}): max abs diff {diff}");
+    for &backend in Backend::value_variants() {
+        let embedder = Embedder::load(&ModelSpec::efficientnet_lite0(), &weights(), backend)
+            .expect("weights load");
+        let mut rows = Vec::new();
+        for chunk in pixels.chunks(8) {
+            let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            rows.extend(embedder.embed(&refs).unwrap());
+        }
+        for (i, ((path, want), got)) in reference.iter().zip(&rows).enumerate() {
+            assert_eq!(got.len(), 1280);
+            let cos = cosine(got, want);
+            let diff = max_abs_diff(got, want);
+            assert!(cos >= 0.9999, "{backend:?} row {i} ({path}): cosine {cos}");
+            assert!(
+                diff <= 1e-3,
+                "{backend:?} row {i} ({path}): max abs diff {diff}"
+            );
+        }
     }
 }
 
@@ -70,24 +79,4 @@ fn imagenet_top1_matches_pytorch_with_the_classifier_kept() {
         "{same}/{} top-1 agree",
         want.len()
     );
-}
-
-#[cfg(feature = "ndarray")]
-#[test]
-fn ndarray_backend_gives_the_same_features_as_flex() {
-    use verger::embed::{Backend, Embedder, ModelSpec};
-    let ndarray = Embedder::load(
-        &ModelSpec::efficientnet_lite0(),
-        &weights(),
-        Backend::Ndarray,
-    )
-    .unwrap();
-    let flex = embedder();
-    let pixels = reference_pixels();
-    let refs: Vec<&[u8]> = pixels[..3].iter().map(Vec::as_slice).collect();
-    let a = ndarray.embed(&refs).unwrap();
-    let b = flex.embed(&refs).unwrap();
-    for (x, y) in a.iter().zip(&b) {
-        assert!(max_abs_diff(x, y) <= 1e-4, "{}", max_abs_diff(x, y));
-    }
 }

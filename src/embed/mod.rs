@@ -1,21 +1,29 @@
-//! Embed stage: pretrained EfficientNet-Lite0 (classifier removed) on a Burn CPU backend.
+//! Embed stage: pretrained EfficientNet-Lite0 (classifier removed) on a CPU engine.
 //!
 //! - [`ModelSpec`]: the model descriptor in `models/`, compiled in.
 //! - [`weights_file`]: obtains and verifies the checkpoint.
-//! - [`state_dict`]: reads it and folds BatchNorm.
-//! - [`efficientnet`]: the network.
+//! - [`state_dict`]: reads it (burn-store) and folds BatchNorm.
+//! - [`architecture`]: the layer list and the folded weights, engine-independent.
+//! - [`native`] on [`kernels`]: verger's own NHWC engine, the default (fastest measured).
+//! - [`efficientnet`]: the same network on a Burn backend (flex or ndarray).
 //! - [`Embedder`]: batches of RGB8 pixels in, 1280-d float32 rows out.
 //!
-//! Every timely worker owns one [`Embedder`] and Burn's CPU backends are built here without
-//! their own thread pools, so `-w N` uses N cores and never oversubscribes them.
+//! Every timely worker owns one [`Embedder`] and every engine runs on the calling thread (no
+//! rayon pool), so `-w N` uses N cores and never oversubscribes them.
 
+pub mod architecture;
 pub mod efficientnet;
+pub mod kernels;
+pub mod native;
+mod simd;
 pub mod state_dict;
 pub mod weights_file;
 
 use crate::decode::normalise_into;
+use architecture::FoldedNet;
 use burn::tensor::{Device, Tensor, TensorData};
 use efficientnet::EfficientNetLite0;
+use native::NativeNet;
 use serde::Deserialize;
 use state_dict::{StateDict, WeightsError};
 use std::path::Path;
@@ -55,27 +63,30 @@ impl ModelSpec {
     }
 }
 
-/// Which Burn CPU backend runs the network.
+/// Which engine runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Backend {
-    /// burn-flex: Burn's portable SIMD CPU backend (fastest measured here).
-    #[cfg(feature = "flex")]
+    /// verger's own NHWC kernels (gemm for 1x1 convolutions, fused depthwise): fastest measured.
     #[default]
+    Native,
+    /// burn-flex: Burn's portable SIMD CPU backend.
+    #[cfg(feature = "flex")]
     Flex,
-    /// burn-ndarray: the original CPU backend (deprecated in Burn 0.22, kept for comparison).
+    /// burn-ndarray: the original Burn CPU backend (deprecated in Burn 0.22, kept for comparison).
     #[cfg(feature = "ndarray")]
     Ndarray,
 }
 
 impl Backend {
-    /// The Burn device of this backend.
-    pub fn device(self) -> Device {
+    /// The Burn device of this backend, `None` for the native engine.
+    pub fn burn_device(self) -> Option<Device> {
         match self {
+            Backend::Native => None,
             #[cfg(feature = "flex")]
-            Backend::Flex => Device::flex(),
+            Backend::Flex => Some(Device::flex()),
             #[cfg(feature = "ndarray")]
             #[allow(deprecated)]
-            Backend::Ndarray => Device::ndarray(),
+            Backend::Ndarray => Some(Device::ndarray()),
         }
     }
 }
@@ -88,24 +99,38 @@ pub enum EmbedError {
     Backend(String),
 }
 
-/// A loaded network on one device: batches of pixels in, feature rows out.
+/// The network loaded on one engine.
+#[derive(Clone, Debug)]
+enum Engine {
+    Native(NativeNet),
+    Burn {
+        device: Device,
+        model: Box<EfficientNetLite0>,
+    },
+}
+
+/// A loaded network on one engine: batches of pixels in, feature rows out.
 #[derive(Clone, Debug)]
 pub struct Embedder {
     spec: ModelSpec,
-    device: Device,
-    model: EfficientNetLite0,
+    engine: Engine,
 }
 
 impl Embedder {
     /// Loads the checkpoint at `weights` (already verified) onto `backend`.
     pub fn load(spec: &ModelSpec, weights: &Path, backend: Backend) -> Result<Self, WeightsError> {
         let sd = StateDict::from_pth(weights)?;
-        let device = backend.device();
-        let model = EfficientNetLite0::from_state_dict(&sd, spec.batch_norm_eps, &device)?;
+        let net = FoldedNet::from_state_dict(&sd, spec.batch_norm_eps)?;
+        let engine = match backend.burn_device() {
+            None => Engine::Native(NativeNet::new(&net, spec.input_size as usize)),
+            Some(device) => Engine::Burn {
+                model: Box::new(EfficientNetLite0::new(&net, &device)),
+                device,
+            },
+        };
         Ok(Self {
             spec: spec.clone(),
-            device,
-            model,
+            engine,
         })
     }
 
@@ -115,17 +140,14 @@ impl Embedder {
     }
 
     /// Normalised NCHW batch tensor from `input_size`² RGB8 images.
-    fn batch_tensor(&self, images: &[&[u8]]) -> Tensor<4> {
+    fn batch_tensor(&self, images: &[&[u8]], device: &Device) -> Tensor<4> {
         let side = self.spec.input_size as usize;
         let per = 3 * side * side;
         let mut data = vec![0f32; images.len() * per];
         for (img, out) in images.iter().zip(data.chunks_exact_mut(per)) {
             normalise_into(img, self.spec.mean, self.spec.std, out);
         }
-        Tensor::from_data(
-            TensorData::new(data, [images.len(), 3, side, side]),
-            &self.device,
-        )
+        Tensor::from_data(TensorData::new(data, [images.len(), 3, side, side]), device)
     }
 
     /// Embeds a batch of RGB8 images of `input_size`² pixels: one `feature_dim` row each.
@@ -133,19 +155,35 @@ impl Embedder {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let features = self.model.features(self.batch_tensor(images));
-        rows(features, self.spec.feature_dim)
+        let (mean, std) = (self.spec.mean, self.spec.std);
+        match &self.engine {
+            Engine::Native(net) => Ok(images
+                .iter()
+                .map(|rgb| net.features(rgb, mean, std))
+                .collect()),
+            Engine::Burn { device, model } => {
+                let features = model.features(self.batch_tensor(images, device));
+                rows(features, self.spec.feature_dim)
+            }
+        }
     }
 
     /// ImageNet top-1 class per image (the full classifier), to check the import.
     pub fn imagenet_top1(&self, images: &[&[u8]]) -> Result<Vec<usize>, EmbedError> {
-        let features = self.model.features(self.batch_tensor(images));
-        let logits = self
-            .model
-            .logits(features)
-            .ok_or_else(|| EmbedError::Backend("checkpoint has no classifier".into()))?;
-        let rows = rows(logits, efficientnet::IMAGENET_CLASSES)?;
-        Ok(rows
+        let missing = || EmbedError::Backend("checkpoint has no classifier".into());
+        let logits = match &self.engine {
+            Engine::Native(net) => self
+                .embed(images)?
+                .iter()
+                .map(|f| net.logits(f).ok_or_else(missing))
+                .collect::<Result<Vec<_>, _>>()?,
+            Engine::Burn { device, model } => {
+                let features = model.features(self.batch_tensor(images, device));
+                let logits = model.logits(features).ok_or_else(missing)?;
+                rows(logits, architecture::IMAGENET_CLASSES)?
+            }
+        };
+        Ok(logits
             .iter()
             .map(|r| {
                 r.iter()

@@ -31,6 +31,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use crate::record::{Embedded, Epoch, Failure, FileKind, Outcome};
+use crate::stats::{StageClock, TimedStage};
 
 /// Rows buffered before they are encoded into the open Parquet file.
 const ENCODE_EVERY: usize = 256;
@@ -256,12 +257,14 @@ impl EpochWriter {
 pub fn write_epochs<'s>(
     outcomes: StreamVec<'s, Epoch, Outcome>,
     naming: Arc<Naming>,
+    clock: Arc<StageClock>,
 ) -> StreamVec<'s, Epoch, Result<StagedFile, String>> {
     outcomes.unary_frontier(Pipeline, "WriteParquet", move |initial, _info| {
         drop(initial);
         let mut open: BTreeMap<Epoch, (Capability<Epoch>, EpochWriter, Option<String>)> =
             BTreeMap::new();
         move |(input, frontier), output| {
+            let _busy = clock.start(TimedStage::Write);
             let port = output.output_index();
             input.for_each_stamp(|cap, data| {
                 let Some(&t) = cap.least() else { return };

