@@ -18,6 +18,7 @@ use timely::dataflow::operators::{Exchange, Input, Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::{CommunicationConfig, WorkerConfig};
 
+use crate::cluster::{self, Cluster};
 use crate::decode::decode_and_resize;
 use crate::embed::Embedder;
 use crate::label::label_of;
@@ -50,6 +51,8 @@ pub struct RunConfig {
     pub filter: KeyFilter,
     /// How remote stores are reached.
     pub store: StoreOptions,
+    /// Other processes of the same run, if any (`workers` is then per process).
+    pub cluster: Option<Cluster>,
 }
 
 impl RunConfig {
@@ -66,6 +69,7 @@ impl RunConfig {
             fetch_concurrency: 16,
             filter: KeyFilter::default(),
             store: StoreOptions::default(),
+            cluster: None,
         }
     }
 }
@@ -222,9 +226,14 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
     let input = runtime.block_on(storage::open(&config.input, false, &config.store))?;
     let output = runtime.block_on(storage::open(&config.output, true, &config.store))?;
 
-    // Resume: what is committed stays; leftovers of uncommitted epochs go.
+    // Resume: what is committed stays; leftovers of uncommitted epochs go. In a cluster only
+    // process 0 cleans up, before it connects: no peer writes anything until all are connected.
     let committed = runtime.block_on(Committed::load(output.as_ref()))?;
-    let removed_leftovers = runtime.block_on(committed.remove_uncommitted(output.as_ref()))?;
+    let leader = config.cluster.as_ref().is_none_or(|c| c.process == 0);
+    let removed_leftovers = match leader {
+        true => runtime.block_on(committed.remove_uncommitted(output.as_ref()))?,
+        false => 0,
+    };
     let first_epoch = committed.next_epoch();
     let committed_keys: Arc<HashSet<String>> = Arc::new(committed.keys);
     tracing::info!(
@@ -249,8 +258,21 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
     let embedder = embedder.clone();
     let fatal_in = fatal.clone();
     let (input_shared, output_shared) = (input.clone(), output.clone());
+    let communication = match &config.cluster {
+        None => CommunicationConfig::Process(workers),
+        Some(c) => {
+            cluster::watch_peers(&c.addresses);
+            CommunicationConfig::Cluster {
+                threads: workers,
+                process: c.process,
+                addresses: c.addresses.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        }
+    };
     let timely_config = timely::Config {
-        communication: CommunicationConfig::Process(workers),
+        communication,
         worker: WorkerConfig::default(),
     };
 

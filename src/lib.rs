@@ -7,6 +7,7 @@
 //! ```
 
 pub mod bench;
+pub mod cluster;
 pub mod dataflow;
 pub mod decode;
 pub mod demo;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use verger::cluster::Cluster;
 use verger::dataflow::{self, RunConfig, Summary};
 use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
 use verger::source::{EpochPolicy, KeyFilter};
@@ -131,8 +132,26 @@ impl StoreArgs {
     }
 }
 
+/// Several processes as one run (timely's flags; `-h` is the hostfile, so help is `--help`).
+#[derive(Args, Clone)]
+struct ClusterArgs {
+    /// Number of processes in the run (each with --workers threads).
+    #[arg(short = 'n', long, default_value_t = 1)]
+    processes: usize,
+    /// Index of this process, 0..processes; process 0 lists the input and commits epochs.
+    #[arg(short = 'p', long, default_value_t = 0)]
+    process: usize,
+    /// Hostfile: one `host:port` per process, in process order [default: localhost:2101, ...].
+    #[arg(short = 'h', long)]
+    hostfile: Option<PathBuf>,
+}
+
 #[derive(Args)]
+#[command(disable_help_flag = true)]
 struct RunArgs {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
     /// Input: a directory of images (searched recursively) or s3://bucket/prefix.
     #[arg(long)]
     input: String,
@@ -151,6 +170,8 @@ struct RunArgs {
     exclude: Vec<String>,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 #[derive(Args)]
@@ -206,6 +227,7 @@ fn run_job(
     prefix: &str,
     filter: KeyFilter,
     engine: &EngineArgs,
+    cluster: Option<Cluster>,
 ) -> Result<Summary> {
     let embedder = load_embedder(&engine.model)?;
     let config = RunConfig {
@@ -223,6 +245,7 @@ fn run_job(
         fetch_concurrency: engine.fetch_concurrency.max(1),
         filter,
         store: engine.store.options(),
+        cluster,
     };
     let summary = dataflow::run(&config, &embedder)?;
     println!(
@@ -306,6 +329,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         "",
         KeyFilter::default(),
         &args.engine,
+        None,
     )?;
     inspect(&path_str(&output)?, &args.engine.store)
 }
@@ -326,12 +350,15 @@ fn main() -> Result<()> {
         Command::Run(args) => {
             let filter = KeyFilter::new(&args.include, &args.exclude)
                 .context("bad --include/--exclude glob")?;
+            let c = &args.cluster;
+            let cluster = Cluster::new(c.processes, c.process, c.hostfile.as_deref())?;
             run_job(
                 &args.input,
                 &args.output,
                 &args.prefix,
                 filter,
                 &args.engine,
+                cluster,
             )
             .map(|_| ())
         }

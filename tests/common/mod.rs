@@ -109,6 +109,7 @@ pub fn config(input: &Path, output: &Path, workers: usize, epoch_keys: usize) ->
         fetch_concurrency: 8,
         filter: Default::default(),
         store: Default::default(),
+        cluster: None,
     }
 }
 
