@@ -22,7 +22,7 @@ use crate::cluster::{self, Cluster};
 use crate::decode::decode_and_resize;
 use crate::embed::Embedder;
 use crate::label::label_of;
-use crate::operators::{async_map, batch_ok, paced_map};
+use crate::operators::{async_map, batch_ok, paced_map, Gate};
 use crate::record::{Embedded, Epoch, Failure, Fetched, Labelled, Outcome, Stage, WrittenFile};
 use crate::sink::manifest::{gather_epochs, Committed, Manifest};
 use crate::sink::{self, Naming, StagedFile};
@@ -302,18 +302,27 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 .container::<Vec<ObjectMeta>>()
                 .exchange(|o: &ObjectMeta| route(&o.key));
             let store = input_store.clone();
+            // Fetched-but-undecoded objects per worker: the reads in flight plus as many again.
+            let gate = Gate::new(2 * config.fetch_concurrency);
             let fetched = async_map(
                 objects,
                 "Fetch",
                 rt.clone(),
                 config.fetch_concurrency,
+                Some(gate.clone()),
                 move |o| crate::fetch::fetch(store.clone(), o),
             );
-            let labelled = paced_map(fetched, "DecodeLabel", config.batch_size, move |f| {
-                decode_clock.time(TimedStage::Decode, || {
-                    f.and_then(|f| decode_and_label(f, side))
-                })
-            });
+            let labelled = paced_map(
+                fetched,
+                "DecodeLabel",
+                config.batch_size,
+                Some(gate),
+                move |f| {
+                    decode_clock.time(TimedStage::Decode, || {
+                        f.and_then(|f| decode_and_label(f, side))
+                    })
+                },
+            );
             let outcomes = batch_ok(
                 labelled,
                 "Embed",
@@ -323,12 +332,12 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
             );
             let staged = sink::write_epochs(outcomes, naming, clock.clone());
             let store = output_store.clone();
-            let written = async_map(staged, "Publish", rt.clone(), 4, move |s| {
+            let written = async_map(staged, "Publish", rt.clone(), 4, None, move |s| {
                 publish(store.clone(), s)
             });
             let manifests = gather_epochs(written.exchange(|_| 0), run_id.clone(), model.clone());
             let store = output_store.clone();
-            async_map(manifests, "Commit", rt.clone(), 1, move |m| {
+            async_map(manifests, "Commit", rt.clone(), 1, None, move |m| {
                 commit(store.clone(), m)
             })
             .inspect(move |result: &Result<Manifest, String>| match result {

@@ -7,7 +7,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use timely::scheduling::SyncActivator;
 
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
@@ -16,12 +19,52 @@ use timely::dataflow::StreamVec;
 
 use crate::record::Epoch;
 
-/// Maps every record through an async function, `limit` in flight per worker.
+/// A bound on records between a producer and a consumer operator of one worker: the producer
+/// takes a permit for each record it starts, the consumer gives it back once it has used the
+/// record, and that wakes the producer. Timely channels have no backpressure of their own, so
+/// without it a fast fetch stage would pile up an epoch's compressed bytes in front of decode.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    permits: Arc<AtomicUsize>,
+    producer: Arc<Mutex<Option<SyncActivator>>>,
+}
+
+impl Gate {
+    /// A gate letting at most `permits` records (at least one) be between the two operators.
+    pub fn new(permits: usize) -> Self {
+        Self {
+            permits: Arc::new(AtomicUsize::new(permits.max(1))),
+            producer: Arc::default(),
+        }
+    }
+
+    fn try_take(&self) -> bool {
+        self.permits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Returns `n` permits and wakes the producer.
+    fn give_back(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.permits.fetch_add(n, Ordering::AcqRel);
+        let producer = self.producer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(activator) = producer.as_ref() {
+            let _ = activator.activate();
+        }
+    }
+}
+
+/// Maps every record through an async function, `limit` in flight per worker, and, with a
+/// `gate`, no more records started than the gate's consumer has yet to use.
 pub fn async_map<'s, T, U, F, Fut>(
     stream: StreamVec<'s, Epoch, T>,
     name: &str,
     runtime: tokio::runtime::Handle,
     limit: usize,
+    gate: Option<Gate>,
     f: F,
 ) -> StreamVec<'s, Epoch, U>
 where
@@ -35,6 +78,10 @@ where
     stream.unary_frontier(Pipeline, name, move |initial, info| {
         drop(initial);
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
+        if let Some(gate) = &gate {
+            let waker = scope.worker().sync_activator_for(info.address.to_vec());
+            *gate.producer.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+        }
         let (tx, rx) = mpsc::channel::<(Epoch, U)>();
         let mut queue: VecDeque<(Epoch, T)> = VecDeque::new();
         // Per epoch: its capability and how many records are queued or in flight.
@@ -63,7 +110,10 @@ where
                     progress = true;
                     done.entry(t).or_default().push(result);
                 }
-                while in_flight < limit {
+                while in_flight < limit && !queue.is_empty() {
+                    if gate.as_ref().is_some_and(|g| !g.try_take()) {
+                        break; // the consumer gives permits back and wakes us
+                    }
                     let Some((t, record)) = queue.pop_front() else {
                         break;
                     };
@@ -92,11 +142,13 @@ where
 
 /// Applies `f` to at most `per_activation` records per scheduling, oldest epoch first, and
 /// re-activates itself while records wait. Pacing a CPU stage like this keeps its output (say,
-/// decoded pixels) in step with a slower consumer instead of materialising a whole epoch.
+/// decoded pixels) in step with a slower consumer instead of materialising a whole epoch. With
+/// a `gate`, every record used gives its permit back to the producer.
 pub fn paced_map<'s, T, U, F>(
     stream: StreamVec<'s, Epoch, T>,
     name: &str,
     per_activation: usize,
+    gate: Option<Gate>,
     mut f: F,
 ) -> StreamVec<'s, Epoch, U>
 where
@@ -133,6 +185,9 @@ where
                     session.give(f(record));
                 }
                 drop(session);
+                if let Some(gate) = &gate {
+                    gate.give_back(take);
+                }
                 budget -= take;
                 if queue.is_empty() {
                     entry.remove();
@@ -199,4 +254,20 @@ where
             });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gate;
+
+    #[test]
+    fn gate_hands_out_at_most_its_permits_until_they_come_back() {
+        let gate = Gate::new(3);
+        let producer = gate.clone();
+        assert!((0..3).all(|_| producer.try_take()));
+        assert!(!producer.try_take(), "a fourth record must wait");
+        gate.give_back(2);
+        assert!(producer.try_take() && producer.try_take());
+        assert!(!producer.try_take());
+    }
 }
