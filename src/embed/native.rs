@@ -123,6 +123,8 @@ struct Scratch {
 pub struct NativeNet {
     weights: Arc<Weights>,
     side: usize,
+    /// Floats in the largest activation at this input size: the size of every buffer.
+    largest: usize,
     scratch: Mutex<Scratch>,
 }
 
@@ -131,6 +133,7 @@ impl Clone for NativeNet {
         Self {
             weights: Arc::clone(&self.weights),
             side: self.side,
+            largest: self.largest,
             scratch: Mutex::default(),
         }
     }
@@ -182,7 +185,7 @@ impl NativeNet {
             c_in: w.shape[1],
             c_out: w.shape[0],
         });
-        Self {
+        let mut native = Self {
             weights: Arc::new(Weights {
                 stem: stem_w,
                 stem_bias: stem.bias.clone(),
@@ -194,8 +197,11 @@ impl NativeNet {
                 zeros: vec![0.0; widest],
             }),
             side,
+            largest: 0,
             scratch: Mutex::default(),
-        }
+        };
+        native.largest = native.largest_activation();
+        native
     }
 
     fn scratch(&self) -> MutexGuard<'_, Scratch> {
@@ -206,7 +212,7 @@ impl NativeNet {
     /// Features of one `side x side` RGB8 image, normalised with `mean` and `std` here.
     pub fn features(&self, rgb: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
         let w = &*self.weights;
-        let largest = self.largest_activation();
+        let largest = self.largest;
         let mut guard = self.scratch();
         let Scratch {
             input,
