@@ -59,7 +59,7 @@ USER 10001:10001
 WORKDIR /home/verger
 
 # 2101: timely's process-to-process port (the port in the hostfile; launch.py's default).
-# 9464: reserved for the Prometheus metrics endpoint (the streaming issue; not served yet).
+# 9464: the Prometheus metrics endpoint, with `--metrics-addr 0.0.0.0:9464`.
 EXPOSE 2101 9464
 
 ENTRYPOINT ["verger"]

@@ -8,9 +8,10 @@
 //!   └───────────── the source releases a new epoch only while few are unfinished ─┘
 //! ```
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,15 @@ use crate::cluster::{self, Cluster};
 use crate::decode::decode_and_resize;
 use crate::embed::Embedder;
 use crate::label::label_of;
+use crate::metrics::Metrics;
+use crate::novelty::Novelty;
 use crate::operators::{async_map, batch_ok, paced_map, Gate};
-use crate::record::{Embedded, Epoch, Failure, Fetched, Labelled, Outcome, Stage, WrittenFile};
-use crate::sink::manifest::{gather_epochs, Committed, Manifest};
+use crate::record::{
+    Embedded, Epoch, Failure, Fetched, Labelled, Miss, Outcome, Published, Stage, WrittenFile,
+};
+use crate::sink::manifest::{gather_epochs, Committed, CommittedEpoch};
 use crate::sink::{self, Naming, StagedFile};
-use crate::source::{self, EpochPolicy, KeyFilter, SourceStats};
+use crate::source::{self, CommitQueue, Driver, EpochPolicy, KeyFilter, Mode, SourceStats};
 use crate::stats::{self, StageClock, StageSeconds, TimedStage};
 use crate::storage::{self, ObjectMeta, ObjectStore, StoreOptions};
 
@@ -53,6 +58,13 @@ pub struct RunConfig {
     pub store: StoreOptions,
     /// Other processes of the same run, if any (`workers` is then per process).
     pub cluster: Option<Cluster>,
+    /// List once, or keep polling.
+    pub mode: Mode,
+    /// Set (by a signal handler, say) to stop listing, finish the epochs in flight and
+    /// return. Only process 0 looks at it: it alone lists.
+    pub stop: Arc<AtomicBool>,
+    /// Where the run counts what it does (served by [`crate::metrics::serve`] if wanted).
+    pub metrics: Arc<Metrics>,
 }
 
 impl RunConfig {
@@ -70,6 +82,9 @@ impl RunConfig {
             filter: KeyFilter::default(),
             store: StoreOptions::default(),
             cluster: None,
+            mode: Mode::Once,
+            stop: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 }
@@ -95,6 +110,8 @@ pub struct Summary {
     pub embedded: u64,
     /// Error records committed by this run.
     pub errors: u64,
+    /// Objects deleted or replaced between listing and reading (no record; not errors).
+    pub vanished: u64,
     /// Epochs committed by this run.
     pub epochs: u64,
     /// What the source saw.
@@ -109,6 +126,9 @@ pub struct Summary {
     pub stages: StageSeconds,
     /// Peak resident memory of the process, when the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Committed rows per label in the whole output after the run (latest version of each
+    /// key; "" for keys at the root). Process 0 only.
+    pub labels: BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -126,31 +146,35 @@ fn route(key: &str) -> u64 {
 }
 
 /// Decode, resize and label one fetched object.
-fn decode_and_label(fetched: Fetched, side: u32) -> Result<Labelled, Failure> {
+fn decode_and_label(fetched: Fetched, side: u32) -> Result<Labelled, Miss> {
     match decode_and_resize(&fetched.bytes, side) {
         Ok(pixels) => Ok(Labelled {
             label: label_of(&fetched.key).map(str::to_string),
             key: fetched.key,
+            etag: fetched.etag,
             pixels,
         }),
-        Err(e) => Err(Failure {
+        Err(e) => Err(Miss::Failed(Failure {
             key: fetched.key,
+            etag: fetched.etag,
             stage: Stage::Decode,
             reason: e.to_string(),
-        }),
+        })),
     }
 }
 
 /// Embed a batch; if the backend fails, every image of the batch gets an error record.
-fn embed_batch(embedder: &Embedder, batch: Vec<Labelled>) -> Vec<Outcome> {
+fn embed_batch(embedder: &Embedder, batch: Vec<Labelled>, metrics: &Metrics) -> Vec<Outcome> {
     let pixels: Vec<&[u8]> = batch.iter().map(|l| l.pixels.rgb.as_slice()).collect();
     match embedder.embed(&pixels) {
         Ok(rows) => batch
             .into_iter()
             .zip(rows)
             .map(|(l, embedding)| {
+                metrics.embedded.inc();
                 Outcome::Row(Embedded {
                     key: l.key,
+                    etag: l.etag,
                     label: l.label,
                     width: l.pixels.width,
                     height: l.pixels.height,
@@ -163,6 +187,7 @@ fn embed_batch(embedder: &Embedder, batch: Vec<Labelled>) -> Vec<Outcome> {
             .map(|l| {
                 Outcome::Failed(Failure {
                     key: l.key,
+                    etag: l.etag,
                     stage: Stage::Embed,
                     reason: e.to_string(),
                 })
@@ -174,18 +199,28 @@ fn embed_batch(embedder: &Embedder, batch: Vec<Labelled>) -> Vec<Outcome> {
 async fn publish(
     store: Arc<dyn ObjectStore>,
     staged: Result<StagedFile, String>,
-) -> Result<WrittenFile, String> {
+    metrics: Arc<Metrics>,
+) -> Result<Published, String> {
     let staged = staged?;
     let bytes = std::fs::metadata(&staged.path)
         .map(|m| m.len())
         .unwrap_or(0);
-    match store.put_file(&staged.key, &staged.path).await {
-        Ok(()) => Ok(WrittenFile {
-            key: staged.key,
-            kind: staged.kind,
-            rows: staged.rows,
-            bytes,
-        }),
+    match metrics
+        .request(store.put_file(&staged.key, &staged.path))
+        .await
+    {
+        Ok(()) => {
+            metrics.bytes_written.inc_by(bytes);
+            Ok(Published {
+                file: WrittenFile {
+                    key: staged.key,
+                    kind: staged.kind,
+                    rows: staged.rows,
+                    bytes,
+                },
+                rows: staged.ids,
+            })
+        }
         Err(e) => {
             sink::discard(&staged.path);
             Err(e.to_string())
@@ -195,14 +230,15 @@ async fn publish(
 
 async fn commit(
     store: Arc<dyn ObjectStore>,
-    manifest: Result<Manifest, String>,
-) -> Result<Manifest, String> {
-    let manifest = manifest?;
-    manifest
-        .write(store.as_ref())
+    epoch: Result<CommittedEpoch, String>,
+    metrics: Arc<Metrics>,
+) -> Result<CommittedEpoch, String> {
+    let epoch = epoch?;
+    metrics
+        .request(epoch.manifest.write(store.as_ref()))
         .await
         .map_err(|e| e.to_string())?;
-    Ok(manifest)
+    Ok(epoch)
 }
 
 fn unique_run_id() -> String {
@@ -235,13 +271,14 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         false => 0,
     };
     let first_epoch = committed.next_epoch();
-    let committed_keys: Arc<HashSet<String>> = Arc::new(committed.keys);
     tracing::info!(
         committed_epochs = committed.manifests.len(),
-        committed_keys = committed_keys.len(),
+        committed_rows = committed.rows.len(),
         removed_leftovers,
         "output state loaded"
     );
+    // Handed to worker 0, which seeds the incremental state with it.
+    let committed = Arc::new(Mutex::new(Some(committed)));
 
     let run_id = unique_run_id();
     let staging: PathBuf = output
@@ -257,6 +294,7 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
     let config = config.clone();
     let embedder = embedder.clone();
     let fatal_in = fatal.clone();
+    let metrics = config.metrics.clone();
     let (input_shared, output_shared) = (input.clone(), output.clone());
     let communication = match &config.cluster {
         None => CommunicationConfig::Process(workers),
@@ -284,6 +322,9 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         let side = embedder.spec().input_size;
         let clock = clock_in.clone();
         let (decode_clock, embed_clock) = (clock.clone(), clock.clone());
+        let metrics = metrics.clone();
+        let commits: CommitQueue = Arc::default();
+        let commits_in = commits.clone();
         let naming = Arc::new(Naming {
             staging: staging.clone(),
             worker: index,
@@ -304,13 +345,14 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
             let store = input_store.clone();
             // Fetched-but-undecoded objects per worker: the reads in flight plus as many again.
             let gate = Gate::new(2 * config.fetch_concurrency);
+            let m = metrics.clone();
             let fetched = async_map(
                 objects,
                 "Fetch",
                 rt.clone(),
                 config.fetch_concurrency,
                 Some(gate.clone()),
-                move |o| crate::fetch::fetch(store.clone(), o),
+                move |o| crate::fetch::fetch(store.clone(), o, m.clone()),
             );
             let labelled = paced_map(
                 fetched,
@@ -323,82 +365,112 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                     })
                 },
             );
+            let m = metrics.clone();
             let outcomes = batch_ok(
                 labelled,
                 "Embed",
                 config.batch_size,
-                move |batch| embed_clock.time(TimedStage::Embed, || embed_batch(&embedder, batch)),
-                Outcome::Failed,
+                move |batch| {
+                    embed_clock.time(TimedStage::Embed, || embed_batch(&embedder, batch, &m))
+                },
+                Outcome::from,
             );
-            let staged = sink::write_epochs(outcomes, naming, clock.clone());
-            let store = output_store.clone();
+            let staged = sink::write_epochs(outcomes, naming, clock.clone(), metrics.clone());
+            let (store, m) = (output_store.clone(), metrics.clone());
             let written = async_map(staged, "Publish", rt.clone(), 4, None, move |s| {
-                publish(store.clone(), s)
+                publish(store.clone(), s, m.clone())
             });
-            let manifests = gather_epochs(written.exchange(|_| 0), run_id.clone(), model.clone());
-            let store = output_store.clone();
-            async_map(manifests, "Commit", rt.clone(), 1, None, move |m| {
-                commit(store.clone(), m)
+            let epochs = gather_epochs(written.exchange(|_| 0), run_id.clone(), model.clone());
+            let (store, m) = (output_store.clone(), metrics.clone());
+            let committed_metrics = metrics.clone();
+            async_map(epochs, "Commit", rt.clone(), 1, None, move |e| {
+                commit(store.clone(), e, m.clone())
             })
-            .inspect(move |result: &Result<Manifest, String>| match result {
-                Ok(m) => {
-                    let mut s = done_in.lock().expect("summary lock");
-                    s.embedded += m.rows;
-                    s.errors += m.errors;
-                    s.epochs += 1;
-                    tracing::info!(
-                        epoch = m.epoch,
-                        rows = m.rows,
-                        errors = m.errors,
-                        "epoch committed"
-                    );
-                }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    fatal_seen
-                        .lock()
-                        .expect("fatal lock")
-                        .get_or_insert_with(|| e.clone());
-                }
-            })
+            .inspect(
+                move |result: &Result<CommittedEpoch, String>| match result {
+                    Ok(c) => {
+                        let m = &c.manifest;
+                        let mut s = done_in.lock().expect("summary lock");
+                        s.embedded += m.rows;
+                        s.errors += m.errors;
+                        s.epochs += 1;
+                        committed_metrics.committed.inc_by(m.rows + m.errors);
+                        committed_metrics.epochs_committed.inc();
+                        commits_in
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((m.epoch, c.rows.clone()));
+                        tracing::info!(
+                            epoch = m.epoch,
+                            rows = m.rows,
+                            errors = m.errors,
+                            "epoch committed"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        fatal_seen
+                            .lock()
+                            .expect("fatal lock")
+                            .get_or_insert_with(|| e.clone());
+                    }
+                },
+            )
             .probe_with(&probe);
         });
 
         keys.advance_to(first_epoch);
+        let mut novelty = Novelty::build(worker, metrics.clone());
         let mut stats = SourceStats::default();
+        let mut labels = BTreeMap::new();
         if index == 0 {
-            let pages = source::start_listing(
-                &rt,
-                input_store.clone(),
-                config.prefix.clone(),
-                config.epochs.page_size,
-            );
-            let stop = || fatal.lock().expect("fatal lock").is_some();
-            match source::drive(
-                worker,
-                &mut keys,
-                &probe,
-                pages,
-                &committed_keys,
-                &config.filter,
-                &config.epochs,
-                &stop,
-            ) {
-                Ok(s) => stats = s,
-                Err(e) => {
-                    fatal
-                        .lock()
-                        .expect("fatal lock")
-                        .get_or_insert_with(|| format!("listing {}: {e}", config.input));
+            let seed = committed.lock().expect("committed lock").take();
+            if let Some(seed) = seed {
+                novelty.add_handled(seed.handled);
+                for (epoch, row) in seed.rows {
+                    novelty.add_rows(epoch, [row]);
                 }
             }
-        }
-        drop(keys);
-        while !probe.done() {
-            worker.step_or_park(Some(Duration::from_millis(50)));
+            let mut driver = Driver::new(
+                keys,
+                probe.clone(),
+                novelty,
+                commits,
+                config.epochs.clone(),
+                config.filter.clone(),
+                metrics.clone(),
+            );
+            let stop_flag = config.stop.clone();
+            let stop =
+                || fatal.lock().expect("fatal lock").is_some() || stop_flag.load(Ordering::Relaxed);
+            if let Err(e) = driver.drive(
+                worker,
+                &rt,
+                &input_store,
+                &config.prefix,
+                config.mode,
+                &stop,
+            ) {
+                fatal
+                    .lock()
+                    .expect("fatal lock")
+                    .get_or_insert_with(|| format!("listing {}: {e}", config.input));
+            }
+            if stop_flag.load(Ordering::Relaxed) {
+                tracing::warn!("stop requested: finishing the epochs in flight");
+            }
+            stats = driver.stats.clone();
+            labels = driver.finish(worker);
+        } else {
+            drop(keys);
+            drop(novelty);
+            while !probe.done() {
+                worker.step_or_park(Some(Duration::from_millis(50)));
+            }
         }
         let mut summary = done.lock().expect("summary lock").clone();
         summary.source = stats;
+        summary.labels = labels;
         summary
     })
     .map_err(RunError::Fatal)?;
@@ -415,6 +487,9 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         if part.source.listed > 0 || part.source.epochs > 0 {
             summary.source = part.source;
         }
+        if !part.labels.is_empty() {
+            summary.labels = part.labels;
+        }
     }
     let _ = std::fs::remove_dir_all(&staging_dir);
     if let Some(parent) = output.staging_dir() {
@@ -427,5 +502,6 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
     summary.workers = workers;
     summary.stages = clock.seconds();
     summary.peak_rss_bytes = stats::peak_rss_bytes();
+    summary.vanished = config.metrics.vanished.get();
     Ok(summary)
 }

@@ -75,6 +75,7 @@ mod tests {
     fn row(label: &str, e: &[f32]) -> Embedded {
         Embedded {
             key: format!("{label}/x"),
+            etag: String::new(),
             label: Some(label.into()),
             width: 1,
             height: 1,

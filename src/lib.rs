@@ -15,6 +15,8 @@ pub mod embed;
 pub mod evaluate;
 pub mod fetch;
 pub mod label;
+pub mod metrics;
+pub mod novelty;
 pub mod operators;
 pub mod record;
 pub mod sink;

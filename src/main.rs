@@ -1,6 +1,10 @@
 //! The `verger` command line: thin; everything it does is in the library.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -8,7 +12,8 @@ use tracing_subscriber::EnvFilter;
 use verger::cluster::Cluster;
 use verger::dataflow::{self, RunConfig, Summary};
 use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
-use verger::source::{EpochPolicy, KeyFilter};
+use verger::metrics::Metrics;
+use verger::source::{EpochPolicy, KeyFilter, Mode};
 use verger::storage::StoreOptions;
 
 /// verger turns a folder (or bucket) of images into a labelled Parquet table of CNN embeddings.
@@ -20,8 +25,18 @@ use verger::storage::StoreOptions;
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
+    /// Log format on stderr: human-readable text, or one JSON object per line (for log
+    /// shippers). The level comes from VERGER_LOG (default `warn`; `info` shows each epoch).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -111,7 +126,7 @@ struct StoreArgs {
     /// Adaptive retry mode: also rate-limit requests on the client when throttled.
     #[arg(long)]
     s3_adaptive_retry: bool,
-    /// Output files of at least this many MiB are uploaded with multipart upload.
+    /// Output files of at least this many MiB are uploaded with multipart upload (0: all).
     #[arg(long, default_value_t = StoreOptions::default().multipart_threshold >> 20)]
     multipart_threshold_mib: usize,
     /// Part size of multipart uploads, in MiB (at least 5).
@@ -126,7 +141,7 @@ impl StoreArgs {
             path_style: self.path_style,
             max_attempts: self.s3_max_attempts.max(1),
             adaptive_retry: self.s3_adaptive_retry,
-            multipart_threshold: self.multipart_threshold_mib.max(5) << 20,
+            multipart_threshold: self.multipart_threshold_mib << 20,
             part_size: self.part_size_mib.max(5) << 20,
         }
     }
@@ -168,10 +183,32 @@ struct RunArgs {
     /// Leave out keys matching one of these globs, e.g. `--exclude 'Test/**'`.
     #[arg(long)]
     exclude: Vec<String>,
+    /// Keep running: list the input again every --poll-interval and process what is new or
+    /// changed, until SIGINT or SIGTERM (which finish the epochs in flight, then exit 0).
+    #[arg(long)]
+    watch: bool,
+    /// Time between the starts of two listings in --watch mode (e.g. `10s`, `500ms`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Serve Prometheus metrics on this address (e.g. `0.0.0.0:9464`; port 0 picks a free
+    /// port, printed on stderr).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// No progress bar (one is drawn on stderr when it is a terminal, outside --watch).
+    #[arg(long)]
+    no_progress: bool,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// How a run is operated: once or as a service, with metrics and a progress bar or not.
+#[derive(Default)]
+struct Service {
+    mode: Mode,
+    metrics_addr: Option<SocketAddr>,
+    progress: bool,
 }
 
 #[derive(Args)]
@@ -228,8 +265,16 @@ fn run_job(
     filter: KeyFilter,
     engine: &EngineArgs,
     cluster: Option<Cluster>,
+    service: Service,
 ) -> Result<Summary> {
     let embedder = load_embedder(&engine.model)?;
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = service.metrics_addr {
+        let endpoint = verger::metrics::serve(addr, metrics.clone())?;
+        eprintln!("verger: metrics on http://{}/metrics", endpoint.addr);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    install_stop_signals(&stop)?;
     let config = RunConfig {
         input: input.to_string(),
         prefix: prefix.to_string(),
@@ -246,12 +291,22 @@ fn run_job(
         filter,
         store: engine.store.options(),
         cluster,
+        mode: service.mode,
+        stop,
+        metrics: metrics.clone(),
     };
-    let summary = dataflow::run(&config, &embedder)?;
+    let bar = (service.progress && service.mode == Mode::Once)
+        .then(|| progress::Bar::start(metrics.clone()));
+    let result = dataflow::run(&config, &embedder);
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    let summary = result?;
     println!(
-        "verger: embedded {}, errors {}, {:.1} images/s ({} workers, {} epochs, {} listed, {} skipped as already committed, {:.1} s)",
+        "verger: embedded {}, errors {}, vanished {}, {:.1} images/s ({} workers, {} epochs, {} listed, {} skipped as already committed, {:.1} s)",
         summary.embedded,
         summary.errors,
+        summary.vanished,
         summary.images_per_second(),
         config.workers,
         summary.epochs,
@@ -279,29 +334,88 @@ fn run_job(
     Ok(summary)
 }
 
+/// SIGINT and SIGTERM set `stop` (stop listing, finish the epochs in flight, exit 0); a
+/// second one ends the process at once (exit 130), as an impatient user expects.
+fn install_stop_signals(stop: &Arc<AtomicBool>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok(())
+}
+
+mod progress {
+    //! The progress bar of a batch run, fed from the metrics.
+    use super::*;
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    /// A bar redrawn from a background thread until [`Bar::finish`].
+    pub struct Bar {
+        done: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Bar {
+        /// Starts drawing: committed objects out of those released so far.
+        pub fn start(metrics: Arc<Metrics>) -> Self {
+            let done = Arc::new(AtomicBool::new(false));
+            let finished = done.clone();
+            let thread = std::thread::spawn(move || {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} committed, {msg}",
+                    )
+                    .expect("valid template"),
+                );
+                while !finished.load(Ordering::Relaxed) {
+                    bar.set_length(metrics.released.get());
+                    bar.set_position(metrics.committed.get());
+                    bar.set_message(format!(
+                        "{:.1} images/s, {} failed",
+                        metrics.images_per_second.get(),
+                        metrics.failed.get()
+                    ));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                bar.finish_and_clear();
+            });
+            Self { done, thread }
+        }
+
+        /// Stops and clears the bar.
+        pub fn finish(self) {
+            self.done.store(true, Ordering::Relaxed);
+            let _ = self.thread.join();
+        }
+    }
+}
+
 fn inspect(output: &str, store: &StoreArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let store = runtime.block_on(verger::storage::open(output, false, &store.options()))?;
     let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    let latest: Vec<_> = table.latest_rows().into_iter().cloned().collect();
     println!(
-        "{output}: {} committed epochs, {} rows, {} error records",
+        "{output}: {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records",
         table.epochs,
         table.rows.len(),
+        latest.len(),
+        table.rows.len() - latest.len(),
         table.errors.len()
     );
-    for (label, n) in verger::evaluate::label_counts(&table.rows) {
+    for (label, n) in verger::evaluate::label_counts(&latest) {
         println!("  {n:>7}  {label}");
     }
     for e in table.errors.iter().take(20) {
         println!("  error  {} [{}] {}", e.key, e.stage.as_str(), e.reason);
     }
-    let train: Vec<_> = table
-        .rows
+    let train: Vec<_> = latest
         .iter()
         .filter(|r| r.key.starts_with("Training/"))
         .collect();
-    let test: Vec<_> = table
-        .rows
+    let test: Vec<_> = latest
         .iter()
         .filter(|r| r.key.starts_with("Test/"))
         .collect();
@@ -330,6 +444,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         KeyFilter::default(),
         &args.engine,
         None,
+        Service::default(),
     )?;
     inspect(&path_str(&output)?, &args.engine.store)
 }
@@ -339,19 +454,31 @@ fn path_str(p: &Path) -> Result<String> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VERGER_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("VERGER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Command::Run(args) => {
             let filter = KeyFilter::new(&args.include, &args.exclude)
                 .context("bad --include/--exclude glob")?;
             let c = &args.cluster;
             let cluster = Cluster::new(c.processes, c.process, c.hostfile.as_deref())?;
+            let service = Service {
+                mode: match args.watch {
+                    true => Mode::Watch {
+                        poll_interval: args.poll_interval,
+                    },
+                    false => Mode::Once,
+                },
+                metrics_addr: args.metrics_addr,
+                progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
             run_job(
                 &args.input,
                 &args.output,
@@ -359,6 +486,7 @@ fn main() -> Result<()> {
                 filter,
                 &args.engine,
                 cluster,
+                service,
             )
             .map(|_| ())
         }

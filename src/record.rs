@@ -32,6 +32,8 @@ impl Stage {
 pub struct Failure {
     /// The object's key.
     pub key: String,
+    /// The version that failed (its ETag when listed).
+    pub etag: String,
     /// Where it failed.
     pub stage: Stage,
     /// The reason, human-readable.
@@ -43,6 +45,8 @@ pub struct Failure {
 pub struct Fetched {
     /// The object's key.
     pub key: String,
+    /// The version read.
+    pub etag: String,
     /// Its bytes.
     pub bytes: bytes::Bytes,
 }
@@ -52,6 +56,8 @@ pub struct Fetched {
 pub struct Labelled {
     /// The object's key.
     pub key: String,
+    /// The version read.
+    pub etag: String,
     /// Parent folder name (`None` at the root).
     pub label: Option<String>,
     /// Original size and the model's input pixels.
@@ -63,6 +69,8 @@ pub struct Labelled {
 pub struct Embedded {
     /// The object's key.
     pub key: String,
+    /// The version embedded; a later row of the same key with another ETag supersedes it.
+    pub etag: String,
     /// Parent folder name (`None` at the root).
     pub label: Option<String>,
     /// Original width.
@@ -73,13 +81,51 @@ pub struct Embedded {
     pub embedding: Vec<f32>,
 }
 
-/// The outcome for one object: a row, or an error record.
+/// An object that left the pipeline before it was embedded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Miss {
+    /// It failed: an error record is written.
+    Failed(Failure),
+    /// It was deleted or replaced after it was listed: not an error and no record; a
+    /// replaced object's new version is picked up by the next listing.
+    Vanished {
+        /// The object's key.
+        key: String,
+        /// Deleted or changed.
+        reason: String,
+    },
+}
+
+/// The outcome for one object: a row, an error record, or nothing because it vanished.
 #[derive(Clone, Debug)]
 pub enum Outcome {
     /// Embedded.
     Row(Embedded),
     /// Failed, with the reason.
     Failed(Failure),
+    /// Deleted or replaced since listed.
+    Vanished(String),
+}
+
+impl From<Miss> for Outcome {
+    fn from(miss: Miss) -> Self {
+        match miss {
+            Miss::Failed(f) => Outcome::Failed(f),
+            Miss::Vanished { key, .. } => Outcome::Vanished(key),
+        }
+    }
+}
+
+/// A committed embedding row, as far as the incremental state cares: which version of which
+/// key, under which label.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RowId {
+    /// The object's key.
+    pub key: String,
+    /// Its version.
+    pub etag: String,
+    /// Its label.
+    pub label: Option<String>,
 }
 
 /// What kind of table a committed file belongs to.
@@ -103,4 +149,13 @@ pub struct WrittenFile {
     pub rows: u64,
     /// Size in bytes.
     pub bytes: u64,
+}
+
+/// A file published to the output store, with the rows of a data file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// The file, as its manifest lists it.
+    pub file: WrittenFile,
+    /// The rows of a data file (empty for an errors file).
+    pub rows: Vec<RowId>,
 }

@@ -1,13 +1,15 @@
 //! Source stage: lists the input store and releases its keys into the dataflow in epochs.
 //!
 //! Listing runs on the tokio runtime and hands pages over as they arrive, so the first images
-//! are processed while the listing goes on. Keys already committed in the output are skipped.
+//! are processed while the listing goes on. Versions already committed in the output, or
+//! released earlier in this run, are skipped ([`Novelty`]); in watch mode the listing is
+//! repeated every poll interval.
 //! An epoch closes at `epoch_keys` keys, `epoch_bytes` bytes, the end of the listing, or
 //! `max_epoch_age` after its first key; a new epoch is released only while fewer than
 //! `max_epochs_in_flight` are unfinished downstream (probe), which bounds memory whatever the
 //! size of the input.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,9 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 
-use crate::record::Epoch;
+use crate::metrics::Metrics;
+use crate::novelty::Novelty;
+use crate::record::{Epoch, RowId};
 
 /// The input of the dataflow: listed objects, stamped with their epoch.
 pub type KeyInput =
@@ -133,76 +137,265 @@ pub fn start_listing(
     rx
 }
 
-/// Drives the input of worker 0: releases listed keys epoch by epoch under `policy`, with
-/// backpressure from `probe`, until the listing ends or `stop` says so. Returns what it saw.
-#[allow(clippy::too_many_arguments)]
-pub fn drive(
-    worker: &mut Worker,
-    input: &mut KeyInput,
-    probe: &ProbeHandle<Epoch>,
-    mut pages: tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, StorageError>>,
-    committed: &HashSet<String>,
-    filter: &KeyFilter,
-    policy: &EpochPolicy,
-    stop: &dyn Fn() -> bool,
-) -> Result<SourceStats, StorageError> {
-    let mut stats = SourceStats::default();
-    let mut keys = 0usize;
-    let mut bytes = 0u64;
-    let mut opened: Option<Instant> = None;
-    let close_epoch = |input: &mut KeyInput, worker: &mut Worker, stats: &mut SourceStats| {
-        let next = *input.time() + 1;
-        input.advance_to(next);
-        stats.epochs += 1;
-        // Backpressure: wait while `max_epochs_in_flight` epochs are unfinished.
-        let max = policy.max_epochs_in_flight.max(1);
-        while next >= max && probe.less_equal(&(next - max)) {
-            worker.step_or_park(None);
-        }
-    };
-    loop {
-        if stop() {
-            break;
-        }
-        let page = match pages.try_recv() {
-            Ok(page) => page?,
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                if opened.is_some_and(|t| t.elapsed() >= policy.max_epoch_age) {
-                    close_epoch(input, worker, &mut stats);
-                    (keys, bytes, opened) = (0, 0, None);
-                }
-                worker.step_or_park(Some(Duration::from_millis(5)));
-                continue;
-            }
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
-        };
-        for object in page {
-            stats.listed += 1;
-            if !filter.accepts(&object.key) {
-                stats.filtered += 1;
-                continue;
-            }
-            if committed.contains(&object.key) {
-                stats.skipped += 1;
-                continue;
-            }
-            bytes += object.size;
-            keys += 1;
-            stats.released += 1;
-            opened.get_or_insert_with(Instant::now);
-            input.send(object);
-            if keys >= policy.epoch_keys || bytes >= policy.epoch_bytes {
-                close_epoch(input, worker, &mut stats);
-                (keys, bytes, opened) = (0, 0, None);
-            }
-        }
-        worker.step();
-    }
-    if keys > 0 {
-        stats.epochs += 1;
-    }
-    Ok(stats)
+/// When a run lists: once, or every `poll_interval` until stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// List once, process what is new, finish.
+    #[default]
+    Once,
+    /// Poll: start a listing every interval (or at once, if one took longer) until stopped.
+    Watch {
+        /// Time from the start of one listing to the start of the next.
+        poll_interval: Duration,
+    },
 }
+
+/// Committed epochs reported by the commit stage to the driver: epoch and its rows.
+pub type CommitQueue = Arc<std::sync::Mutex<Vec<(Epoch, Vec<RowId>)>>>;
+
+/// The source on worker 0: lists, keeps only new versions ([`Novelty`]), releases them epoch
+/// by epoch with backpressure, and keeps the run-wide gauges up to date.
+pub struct Driver {
+    input: Option<KeyInput>,
+    probe: ProbeHandle<Epoch>,
+    novelty: Novelty,
+    commits: CommitQueue,
+    policy: EpochPolicy,
+    filter: KeyFilter,
+    metrics: Arc<Metrics>,
+    /// What the source saw.
+    pub stats: SourceStats,
+    keys: usize,
+    bytes: u64,
+    opened: Option<Instant>,
+    /// Released, not yet committed epochs with the time of their first object.
+    unfinished: VecDeque<(Epoch, Instant)>,
+    /// (time, committed objects) over the last seconds, for images/s.
+    rate: VecDeque<(Instant, u64)>,
+}
+
+impl Driver {
+    /// A driver releasing into `input` from `input.time()` on, watching `probe`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        input: KeyInput,
+        probe: ProbeHandle<Epoch>,
+        novelty: Novelty,
+        commits: CommitQueue,
+        policy: EpochPolicy,
+        filter: KeyFilter,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            input: Some(input),
+            probe,
+            novelty,
+            commits,
+            policy,
+            filter,
+            metrics,
+            stats: SourceStats::default(),
+            keys: 0,
+            bytes: 0,
+            opened: None,
+            unfinished: VecDeque::new(),
+            rate: VecDeque::new(),
+        }
+    }
+
+    /// Lists `prefix` of `store` once or repeatedly (`mode`), releasing new objects, until
+    /// the listing ends (once) or `stop` says so. A failed listing ends a single run; in
+    /// watch mode it is logged and retried at the next poll.
+    #[allow(clippy::too_many_arguments)]
+    pub fn drive(
+        &mut self,
+        worker: &mut Worker,
+        runtime: &tokio::runtime::Handle,
+        store: &Arc<dyn ObjectStore>,
+        prefix: &str,
+        mode: Mode,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), StorageError> {
+        loop {
+            let round = Instant::now();
+            let pages = start_listing(
+                runtime,
+                store.clone(),
+                prefix.to_string(),
+                self.policy.page_size,
+            );
+            let released = self.stats.released;
+            match (self.list_round(worker, pages, stop), mode) {
+                (Ok(()), _) => {}
+                (Err(e), Mode::Once) => return Err(e),
+                (Err(e), Mode::Watch { .. }) => {
+                    tracing::warn!(
+                        "listing {}: {e}; trying again at the next poll",
+                        store.location()
+                    );
+                }
+            }
+            self.close_epoch(worker);
+            let Mode::Watch { poll_interval } = mode else {
+                return Ok(());
+            };
+            tracing::info!(
+                new = self.stats.released - released,
+                seconds = round.elapsed().as_secs_f64(),
+                "poll done"
+            );
+            while round.elapsed() < poll_interval {
+                if stop() {
+                    return Ok(());
+                }
+                self.housekeeping(worker);
+                worker.step_or_park(Some(Duration::from_millis(50)));
+            }
+            if stop() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn list_round(
+        &mut self,
+        worker: &mut Worker,
+        mut pages: tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, StorageError>>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), StorageError> {
+        loop {
+            if stop() {
+                return Ok(()); // dropping `pages` ends the listing task
+            }
+            self.housekeeping(worker);
+            let page = match pages.try_recv() {
+                Ok(page) => page?,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    if self
+                        .opened
+                        .is_some_and(|t| t.elapsed() >= self.policy.max_epoch_age)
+                    {
+                        self.close_epoch(worker);
+                    }
+                    worker.step_or_park(Some(Duration::from_millis(5)));
+                    continue;
+                }
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+            };
+            self.stats.listed += page.len() as u64;
+            self.metrics.listed.inc_by(page.len() as u64);
+            let before = page.len();
+            let accepted: Vec<ObjectMeta> = page
+                .into_iter()
+                .filter(|o| self.filter.accepts(&o.key))
+                .collect();
+            self.stats.filtered += (before - accepted.len()) as u64;
+            let offered = accepted.len();
+            let fresh = self.novelty.new_objects(worker, accepted);
+            self.stats.skipped += (offered - fresh.len()) as u64;
+            for object in fresh {
+                self.release(worker, object);
+            }
+            worker.step();
+        }
+    }
+
+    fn release(&mut self, worker: &mut Worker, object: ObjectMeta) {
+        self.bytes += object.size;
+        self.keys += 1;
+        self.stats.released += 1;
+        self.metrics.released.inc();
+        self.opened.get_or_insert_with(Instant::now);
+        self.input.as_mut().expect("input open").send(object);
+        if self.keys >= self.policy.epoch_keys || self.bytes >= self.policy.epoch_bytes {
+            self.close_epoch(worker);
+        }
+    }
+
+    /// Closes the open epoch, if it has objects, then waits while `max_epochs_in_flight`
+    /// epochs are unfinished (backpressure).
+    fn close_epoch(&mut self, worker: &mut Worker) {
+        let Some(opened) = self.opened.take() else {
+            return;
+        };
+        let input = self.input.as_mut().expect("input open");
+        let epoch = *input.time();
+        input.advance_to(epoch + 1);
+        self.unfinished.push_back((epoch, opened));
+        self.stats.epochs += 1;
+        (self.keys, self.bytes) = (0, 0);
+        let max = self.policy.max_epochs_in_flight.max(1);
+        let next = epoch + 1;
+        while next >= max && self.probe.less_equal(&(next - max)) {
+            self.housekeeping(worker);
+            worker.step_or_park(Some(Duration::from_millis(100)));
+        }
+    }
+
+    /// Feeds committed rows to the per-label counts and refreshes the run-wide gauges.
+    pub fn housekeeping(&mut self, worker: &mut Worker) {
+        let committed: Vec<(Epoch, Vec<RowId>)> =
+            std::mem::take(&mut *self.commits.lock().unwrap_or_else(|e| e.into_inner()));
+        for (epoch, rows) in committed {
+            self.novelty.add_rows(epoch, rows);
+        }
+        if self.novelty.has_pending_rows() {
+            self.novelty.settle(worker);
+        }
+        while let Some(&(epoch, _)) = self.unfinished.front() {
+            if self.probe.less_equal(&epoch) {
+                break;
+            }
+            self.unfinished.pop_front();
+        }
+        let now = Instant::now();
+        self.metrics
+            .epochs_in_flight
+            .set(self.unfinished.len() as i64 + i64::from(self.opened.is_some()));
+        let oldest = self.unfinished.front().map(|u| u.1).or(self.opened);
+        self.metrics
+            .frontier_lag_seconds
+            .set(oldest.map_or(0.0, |t| (now - t).as_secs_f64()));
+        let done = self.metrics.committed.get();
+        if self
+            .rate
+            .back()
+            .is_none_or(|(t, _)| now - *t >= Duration::from_millis(500))
+        {
+            self.rate.push_back((now, done));
+            while self.rate.len() > 2 && now - self.rate[0].0 > RATE_WINDOW {
+                self.rate.pop_front();
+            }
+            if let (Some(first), Some(last)) = (self.rate.front(), self.rate.back()) {
+                let dt = (last.0 - first.0).as_secs_f64();
+                if dt > 0.0 {
+                    self.metrics
+                        .images_per_second
+                        .set((last.1 - first.1) as f64 / dt);
+                }
+            }
+        }
+    }
+
+    /// Closes the input and steps until every released epoch is committed; returns the
+    /// committed rows per label of the whole output.
+    pub fn finish(mut self, worker: &mut Worker) -> BTreeMap<String, u64> {
+        self.close_epoch(worker);
+        self.input.take();
+        while !self.probe.done() {
+            self.housekeeping(worker);
+            worker.step_or_park(Some(Duration::from_millis(50)));
+        }
+        self.housekeeping(worker);
+        self.novelty.settle(worker);
+        self.metrics.epochs_in_flight.set(0);
+        self.metrics.frontier_lag_seconds.set(0.0);
+        self.novelty.label_counts()
+    }
+}
+
+/// Span over which images/s is averaged.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

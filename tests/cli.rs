@@ -24,14 +24,19 @@ fn succeeds(cmd: &mut Command) -> String {
     stdout
 }
 
-#[test]
-fn run_prints_a_summary_and_exits_zero_even_with_bad_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in/Lemon");
+/// `in/Lemon/a.jpg` (a sample photo) and `in/Lemon/broken.jpg` (not a picture) under `dir`.
+fn lemon_and_broken_file(dir: &std::path::Path) {
+    let input = dir.join("in/Lemon");
     std::fs::create_dir_all(&input).unwrap();
     let (lemon, _) = &reference_rows()[10];
     std::fs::copy(sample_dir().join(lemon), input.join("a.jpg")).unwrap();
     std::fs::write(input.join("broken.jpg"), b"nope").unwrap();
+}
+
+#[test]
+fn run_prints_a_summary_and_exits_zero_even_with_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    lemon_and_broken_file(dir.path());
     let stdout = succeeds(
         verger()
             .args(["run", "-w", "1", "--input"])
@@ -162,4 +167,91 @@ fn bench_replicates_the_input_and_tabulates_each_worker_count() {
 /// The class folder of a sample path (`Test/<Class>/x.jpg`).
 fn dir_of(path: &str) -> String {
     path.rsplit('/').nth(1).unwrap().to_string()
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in/Lemon");
+    std::fs::create_dir_all(&input).unwrap();
+    let (lemon, _) = &reference_rows()[10];
+    std::fs::copy(sample_dir().join(lemon), input.join("a.jpg")).unwrap();
+    let out = verger()
+        .env("VERGER_LOG", "info")
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "-w",
+            "1",
+            "--no-progress",
+            "--input",
+        ])
+        .arg(dir.path().join("in"))
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let commit = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "epoch committed")
+        .unwrap_or_else(|| panic!("no commit event in {stderr}"));
+    assert_eq!(commit["level"], "INFO");
+    assert_eq!(commit["fields"]["rows"], 1);
+}
+
+/// A rerun skips committed rows and error records alike; a rewritten file is a new version
+/// whose row supersedes the old one, so the per-label count stays.
+#[test]
+fn rerun_skips_what_is_committed_and_picks_up_a_rewritten_file() {
+    let dir = tempfile::tempdir().unwrap();
+    lemon_and_broken_file(dir.path());
+    let input = dir.path().join("in/Lemon");
+    let rows = reference_rows();
+    let report = dir.path().join("report.json");
+    let run = || {
+        succeeds(
+            verger()
+                .args(["run", "-w", "1", "--input"])
+                .arg(dir.path().join("in"))
+                .arg("--output")
+                .arg(dir.path().join("out"))
+                .arg("--report-json")
+                .arg(&report),
+        )
+    };
+    let labels = || -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&report).unwrap()).unwrap()
+            ["labels"]
+            .clone()
+    };
+    assert!(run().contains("embedded 1, errors 1"));
+    assert_eq!(labels(), serde_json::json!({"Lemon": 1}));
+    let second = run();
+    assert!(second.contains("embedded 0, errors 0"), "{second}");
+    assert!(
+        second.contains("2 skipped as already committed"),
+        "{second}"
+    );
+
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::copy(sample_dir().join(&rows[11].0), input.join("a.jpg")).unwrap();
+    let third = run();
+    assert!(third.contains("embedded 1, errors 0"), "{third}");
+    assert_eq!(
+        labels(),
+        serde_json::json!({"Lemon": 1}),
+        "superseded, not added"
+    );
+    let inspect = succeeds(verger().arg("inspect").arg(dir.path().join("out")));
+    assert!(
+        inspect.contains("2 rows (1 keys, 1 superseded by a newer version)"),
+        "{inspect}"
+    );
 }

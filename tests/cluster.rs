@@ -79,12 +79,7 @@ fn show(out: &Output) -> String {
 }
 
 fn server_with_sample() -> (SeaweedFs, tokio::runtime::Runtime, aws_sdk_s3::Client) {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = rt.block_on(client(&server.endpoint()));
-    rt.block_on(create_bucket(&client, "fruits"));
+    let (server, rt, client) = server_with_bucket("fruits");
     let uploaded = rt.block_on(upload_dir(&client, "fruits", "in/", &sample_dir(), |_| {
         true
     }));

@@ -6,17 +6,12 @@ use std::time::Duration;
 
 use common::fault_proxy::FaultProxy;
 use common::s3util::*;
-use common::seaweed::{require_weed, SeaweedFs};
 use common::*;
 use verger::dataflow::RunConfig;
-use verger::record::Stage;
+use verger::record::Miss;
 use verger::storage::{ObjectMeta, StoreOptions};
 
 const SAMPLE_IMAGES: usize = 2_624;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().unwrap()
-}
 
 fn s3_config(
     input: &str,
@@ -35,17 +30,6 @@ fn s3_config(
     cfg.output = output.to_string();
     cfg.store = store;
     cfg
-}
-
-/// A fresh S3 server with one bucket, a runtime and a plain client for setup and checks.
-fn server_with_bucket(bucket: &str) -> (SeaweedFs, tokio::runtime::Runtime, aws_sdk_s3::Client) {
-    require_weed();
-    s3_env();
-    let server = SeaweedFs::start();
-    let rt = rt();
-    let client = rt.block_on(client(&server.endpoint()));
-    rt.block_on(create_bucket(&client, bucket));
-    (server, rt, client)
 }
 
 /// The sample through S3 both ways: every image once, same embeddings as from local disk,
@@ -238,23 +222,63 @@ fn server_restart_mid_run_loses_nothing() {
     rt.block_on(assert_clean_output(&client, "restart", "out/"));
 }
 
-/// A key deleted between listing and reading becomes a fetch error record saying so.
+/// A key replaced or deleted between listing and reading is skipped, not an error: the read
+/// asks for the listed version (If-Match), and the next listing has the new one.
 #[test]
-fn object_deleted_after_listing_is_recorded_as_not_found() {
-    let (server, rt, _client) = server_with_bucket("gone");
-    let failure = rt.block_on(async {
-        let store = verger::storage::open("s3://gone/in", false, &options(&server.endpoint()))
-            .await
-            .unwrap();
-        let meta = ObjectMeta {
-            key: "Lemon/vanished.jpg".into(),
-            size: 10,
-        };
-        verger::fetch::fetch(store, meta).await.unwrap_err()
-    });
-    assert_eq!(failure.stage, Stage::Fetch);
-    assert_eq!(failure.key, "Lemon/vanished.jpg");
-    assert!(failure.reason.contains("not found"), "{}", failure.reason);
+fn object_replaced_or_deleted_after_listing_vanishes_without_an_error() {
+    let (server, rt, client) = server_with_bucket("gone");
+    let put = |body: &'static [u8]| {
+        rt.block_on(
+            client
+                .put_object()
+                .bucket("gone")
+                .key("in/Lemon/a.jpg")
+                .body(body.to_vec().into())
+                .send(),
+        )
+        .unwrap();
+    };
+    let metrics = std::sync::Arc::new(verger::metrics::Metrics::new());
+    let store = rt
+        .block_on(verger::storage::open(
+            "s3://gone/in",
+            false,
+            &options(&server.endpoint()),
+        ))
+        .unwrap();
+    let listed = || -> ObjectMeta {
+        let page = rt.block_on(store.list_page("", None, 10)).unwrap();
+        page.objects.into_iter().next().unwrap()
+    };
+    let fetch =
+        |meta: ObjectMeta| rt.block_on(verger::fetch::fetch(store.clone(), meta, metrics.clone()));
+    put(b"first version");
+    let first = listed();
+    put(b"second version");
+    let second = listed();
+    assert_ne!(first.etag, second.etag, "an overwrite changes the ETag");
+    match fetch(first.clone()) {
+        Err(Miss::Vanished { key, reason }) => {
+            assert_eq!(key, "Lemon/a.jpg");
+            assert!(reason.contains("changed"), "{reason}");
+        }
+        other => panic!("the replaced version must vanish, got {other:?}"),
+    }
+    assert_eq!(&fetch(second.clone()).unwrap().bytes[..], b"second version");
+    rt.block_on(
+        client
+            .delete_object()
+            .bucket("gone")
+            .key("in/Lemon/a.jpg")
+            .send(),
+    )
+    .unwrap();
+    match fetch(second) {
+        Err(Miss::Vanished { reason, .. }) => assert!(reason.contains("not found"), "{reason}"),
+        other => panic!("the deleted object must vanish, got {other:?}"),
+    }
+    assert_eq!(metrics.vanished.get(), 2);
+    assert_eq!(metrics.fetched.get(), 1);
 }
 
 /// The binary with S3 flags and credentials from the environment: works, and never prints

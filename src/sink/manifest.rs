@@ -16,7 +16,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use super::{reader, SinkError};
-use crate::record::{Epoch, FileKind, WrittenFile};
+use crate::record::{Epoch, FileKind, Published, RowId, Stage, WrittenFile};
 use crate::storage::{list_all, ObjectStore};
 
 /// Prefix of manifests in the output store.
@@ -61,17 +61,30 @@ impl Manifest {
     }
 }
 
+/// An epoch whose manifest is written, with its embedding rows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedEpoch {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its embedding rows.
+    pub rows: Vec<RowId>,
+}
+
 /// What earlier runs committed to an output.
 #[derive(Debug, Default)]
 pub struct Committed {
     /// All manifests, by epoch.
     pub manifests: Vec<Manifest>,
-    /// Keys that have a committed embedding row (their objects are not processed again).
-    pub keys: HashSet<String>,
+    /// Versions (key, ETag) not to process again: every committed row, and every error
+    /// record but those of failed reads, which a new run retries.
+    pub handled: Vec<(String, String)>,
+    /// Every committed row with its epoch, oldest first.
+    pub rows: Vec<(Epoch, RowId)>,
 }
 
 impl Committed {
-    /// Reads every manifest and the `key` column of every committed data file.
+    /// Reads every manifest and the key, version and label (or stage) of every committed
+    /// row and error record.
     pub async fn load(store: &dyn ObjectStore) -> Result<Self, SinkError> {
         let mut keys_of_manifests = Vec::new();
         list_all(store, MANIFEST_PREFIX, 1000, |page| {
@@ -94,13 +107,24 @@ impl Committed {
             manifests.push(manifest);
         }
         manifests.sort_by_key(|m| m.epoch);
-        let mut keys = HashSet::new();
-        for file in manifests.iter().flat_map(|m| &m.files) {
-            if file.kind == FileKind::Data {
-                keys.extend(reader::read_keys(store, &file.key).await?);
+        let (mut handled, mut rows) = (Vec::new(), Vec::new());
+        for manifest in &manifests {
+            for file in &manifest.files {
+                for entry in reader::read_index(store, &file.key, file.kind).await? {
+                    if entry.stage != Some(Stage::Fetch) {
+                        handled.push((entry.row.key.clone(), entry.row.etag.clone()));
+                    }
+                    if file.kind == FileKind::Data {
+                        rows.push((manifest.epoch, entry.row));
+                    }
+                }
             }
         }
-        Ok(Self { manifests, keys })
+        Ok(Self {
+            manifests,
+            handled,
+            rows,
+        })
     }
 
     /// The first epoch number a new run may use.
@@ -147,16 +171,16 @@ impl Committed {
 }
 
 /// An epoch being gathered: its capability, the files written, the failures reported.
-type Gathering = (Capability<Epoch>, Vec<WrittenFile>, Vec<String>);
+type Gathering = (Capability<Epoch>, Vec<Published>, Vec<String>);
 
 /// Gathers, on one worker, the files every worker wrote for an epoch, and emits the epoch's
 /// manifest once the frontier shows the epoch finished everywhere. An epoch in which any
 /// file failed to be written is not committed: its reason is emitted instead.
 pub fn gather_epochs<'s>(
-    files: StreamVec<'s, Epoch, Result<WrittenFile, String>>,
+    files: StreamVec<'s, Epoch, Result<Published, String>>,
     run: String,
     model: String,
-) -> StreamVec<'s, Epoch, Result<Manifest, String>> {
+) -> StreamVec<'s, Epoch, Result<CommittedEpoch, String>> {
     files.unary_frontier(Pipeline, "GatherEpoch", move |initial, _info| {
         drop(initial);
         let mut pending: BTreeMap<Epoch, Gathering> = BTreeMap::new();
@@ -184,8 +208,14 @@ pub fn gather_epochs<'s>(
                 if frontier.less_equal(&t) {
                     break;
                 }
-                let (cap, mut files, failures) = pending.remove(&t).expect("first key");
+                let (cap, published, failures) = pending.remove(&t).expect("first key");
                 let result = if failures.is_empty() {
+                    let mut files = Vec::with_capacity(published.len());
+                    let mut rows = Vec::new();
+                    for p in published {
+                        files.push(p.file);
+                        rows.extend(p.rows);
+                    }
                     files.sort_by(|a, b| a.key.cmp(&b.key));
                     let count = |kind| {
                         files
@@ -194,14 +224,15 @@ pub fn gather_epochs<'s>(
                             .map(|f| f.rows)
                             .sum()
                     };
-                    Ok(Manifest {
+                    let manifest = Manifest {
                         epoch: t,
                         run: run.clone(),
                         model: model.clone(),
                         rows: count(FileKind::Data),
                         errors: count(FileKind::Errors),
                         files,
-                    })
+                    };
+                    Ok(CommittedEpoch { manifest, rows })
                 } else {
                     Err(format!("epoch {t} not committed: {}", failures.join("; ")))
                 };

@@ -30,7 +30,8 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-use crate::record::{Embedded, Epoch, Failure, FileKind, Outcome};
+use crate::metrics::Metrics;
+use crate::record::{Embedded, Epoch, Failure, FileKind, Outcome, RowId};
 use crate::stats::{StageClock, TimedStage};
 
 /// Rows buffered before they are encoded into the open Parquet file.
@@ -79,6 +80,8 @@ pub struct StagedFile {
     pub kind: FileKind,
     /// Rows written.
     pub rows: u64,
+    /// The rows of a data file, for the incremental per-label counts (empty for errors).
+    pub ids: Vec<RowId>,
 }
 
 /// Where and under which names one worker stages its files.
@@ -114,6 +117,7 @@ struct TableWriter<R> {
     writer: ArrowWriter<File>,
     pending: Vec<R>,
     rows: u64,
+    ids: Vec<RowId>,
 }
 
 impl<R> TableWriter<R> {
@@ -139,6 +143,7 @@ impl<R> TableWriter<R> {
             writer,
             pending: Vec::new(),
             rows: 0,
+            ids: Vec::new(),
         })
     }
 
@@ -182,6 +187,7 @@ impl<R> TableWriter<R> {
             key: self.key,
             kind,
             rows: self.rows,
+            ids: self.ids,
         })
     }
 }
@@ -192,16 +198,18 @@ pub struct EpochWriter {
     naming: Arc<Naming>,
     data: Option<TableWriter<Embedded>>,
     errors: Option<TableWriter<Failure>>,
+    metrics: Arc<Metrics>,
 }
 
 impl EpochWriter {
     /// A writer for `epoch` that has not created any file yet.
-    pub fn new(epoch: Epoch, naming: Arc<Naming>) -> Self {
+    pub fn new(epoch: Epoch, naming: Arc<Naming>, metrics: Arc<Metrics>) -> Self {
         Self {
             epoch,
             naming,
             data: None,
             errors: None,
+            metrics,
         }
     }
 
@@ -219,6 +227,11 @@ impl EpochWriter {
                     )?);
                 }
                 let w = self.data.as_mut().expect("just created");
+                w.ids.push(RowId {
+                    key: row.key.clone(),
+                    etag: row.etag.clone(),
+                    label: row.label.clone(),
+                });
                 w.push(row, |rows| schema::embeddings_batch(rows, &model))
             }
             Outcome::Failed(failure) => {
@@ -230,9 +243,17 @@ impl EpochWriter {
                         schema::errors_schema(),
                     )?);
                 }
+                tracing::info!(
+                    key = failure.key,
+                    stage = failure.stage.as_str(),
+                    "{}",
+                    failure.reason
+                );
+                self.metrics.failed.inc();
                 let w = self.errors.as_mut().expect("just created");
                 w.push(failure, |rows| schema::errors_batch(rows, &model))
             }
+            Outcome::Vanished(_) => Ok(()),
         }
     }
 
@@ -258,6 +279,7 @@ pub fn write_epochs<'s>(
     outcomes: StreamVec<'s, Epoch, Outcome>,
     naming: Arc<Naming>,
     clock: Arc<StageClock>,
+    metrics: Arc<Metrics>,
 ) -> StreamVec<'s, Epoch, Result<StagedFile, String>> {
     outcomes.unary_frontier(Pipeline, "WriteParquet", move |initial, _info| {
         drop(initial);
@@ -271,7 +293,7 @@ pub fn write_epochs<'s>(
                 let (_, writer, failed) = open.entry(t).or_insert_with(|| {
                     (
                         cap.retain_least(port).expect("input time"),
-                        EpochWriter::new(t, naming.clone()),
+                        EpochWriter::new(t, naming.clone(), metrics.clone()),
                         None,
                     )
                 });

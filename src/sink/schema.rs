@@ -1,8 +1,13 @@
 //! The two output tables, as Arrow schemas and record batches.
 //!
 //! `embeddings`: `key` utf8, `label` utf8 (null for a key at the root), `width` / `height`
-//! uint32 (original size), `embedding` FixedSizeList<Float32, 1280>, `model` utf8.
-//! `errors`: `key`, `stage` (`fetch` | `decode` | `embed`), `reason`, `model`, all utf8.
+//! uint32 (original size), `embedding` FixedSizeList<Float32, 1280>, `model` utf8, `etag`
+//! utf8 (the version of the object embedded).
+//! `errors`: `key`, `stage` (`fetch` | `decode` | `embed`), `reason`, `model`, `etag`, all
+//! utf8.
+//!
+//! A key appears again, in a later epoch, when its object was replaced (new ETag): the row
+//! of the latest epoch supersedes the earlier ones ([`super::reader::Table::latest_rows`]).
 
 use std::sync::Arc;
 
@@ -44,6 +49,7 @@ pub fn embeddings_schema() -> SchemaRef {
             false,
         ),
         Field::new("model", DataType::Utf8, false),
+        Field::new("etag", DataType::Utf8, false),
     ]))
 }
 
@@ -54,6 +60,7 @@ pub fn errors_schema() -> SchemaRef {
         Field::new("stage", DataType::Utf8, false),
         Field::new("reason", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
+        Field::new("etag", DataType::Utf8, false),
     ]))
 }
 
@@ -80,6 +87,9 @@ pub fn embeddings_batch(rows: &[Embedded], model: &str) -> RecordBatch {
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.height))),
         Arc::new(embedding),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|_| model))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.etag.as_str()),
+        )),
     ];
     RecordBatch::try_new(embeddings_schema(), columns).expect("columns match the schema")
 }
@@ -97,6 +107,9 @@ pub fn errors_batch(rows: &[Failure], model: &str) -> RecordBatch {
             rows.iter().map(|r| r.reason.as_str()),
         )),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|_| model))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.etag.as_str()),
+        )),
     ];
     RecordBatch::try_new(errors_schema(), columns).expect("columns match the schema")
 }

@@ -34,6 +34,17 @@ fn io(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     }
 }
 
+/// The version tag of a local file: its size and modification time (nanoseconds), in hex.
+/// Rewriting a file changes it; reading or renaming the directory does not.
+pub fn local_etag(meta: &std::fs::Metadata) -> String {
+    let nanos = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{:x}-{nanos:x}", meta.len())
+}
+
 impl LocalStore {
     /// Opens `root`; creates it when `create`, else it must be an existing directory.
     pub fn open(root: &Path, create: bool) -> Result<Self, StorageError> {
@@ -95,7 +106,7 @@ fn walk(
     more: &mut bool,
 ) -> Result<(), StorageError> {
     let abs = root.join(dir);
-    let mut entries: Vec<(String, std::fs::FileType, u64)> = Vec::new();
+    let mut entries: Vec<(String, std::fs::Metadata)> = Vec::new();
     for entry in std::fs::read_dir(&abs).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let Ok(name) = entry.file_name().into_string() else {
@@ -107,11 +118,12 @@ fn walk(
             continue;
         }
         let meta = entry.metadata().map_err(io(&name))?;
-        entries.push((name, meta.file_type(), meta.len()));
+        entries.push((name, meta));
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, kind, size) in entries {
+    for (name, meta) in entries {
         let key = format!("{dir}{name}");
+        let kind = meta.file_type();
         if kind.is_dir() {
             let sub = format!("{key}/");
             // Prune: a directory whose keys cannot match the prefix or all lie before `after`.
@@ -131,7 +143,11 @@ fn walk(
             if out.len() == limit {
                 *more = true;
             } else {
-                out.push(ObjectMeta { key, size });
+                out.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    etag: local_etag(&meta),
+                });
             }
         }
         if *more {
@@ -165,6 +181,22 @@ impl ObjectStore for LocalStore {
             .await
             .map(Bytes::from)
             .map_err(io(key))
+    }
+
+    async fn get_version(&self, key: &str, etag: &str) -> Result<Bytes, StorageError> {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::open(self.path(key))
+            .await
+            .map_err(io(key))?;
+        let meta = file.metadata().await.map_err(io(key))?;
+        if !etag.is_empty() && local_etag(&meta) != etag {
+            return Err(StorageError::Changed {
+                key: key.to_string(),
+            });
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes).await.map_err(io(key))?;
+        Ok(Bytes::from(bytes))
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
@@ -262,6 +294,38 @@ mod tests {
             want.sort_by(|a, b| key_order(a, b));
             assert_eq!(seen, want, "page size {page_size}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_file_gets_a_new_etag_and_the_listed_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(dir.path(), "a/1.jpg");
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let first = store
+            .list_page("", None, 10)
+            .await
+            .unwrap()
+            .objects
+            .remove(0);
+        assert_eq!(
+            &store.get_version("a/1.jpg", &first.etag).await.unwrap()[..],
+            b"a/1.jpg"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("a/1.jpg"), b"new content").unwrap();
+        let second = store
+            .list_page("", None, 10)
+            .await
+            .unwrap()
+            .objects
+            .remove(0);
+        assert_ne!(first.etag, second.etag);
+        let err = store.get_version("a/1.jpg", &first.etag).await.unwrap_err();
+        assert!(matches!(err, StorageError::Changed { .. }), "{err}");
+        assert_eq!(
+            &store.get_version("a/1.jpg", &second.etag).await.unwrap()[..],
+            b"new content"
+        );
     }
 
     #[tokio::test]

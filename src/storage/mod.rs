@@ -22,6 +22,13 @@ pub enum StorageError {
         /// The key.
         key: String,
     },
+    /// The object was replaced after it was listed (its ETag no longer matches); the next
+    /// listing sees the new version.
+    #[error("{key}: object changed since it was listed")]
+    Changed {
+        /// The key.
+        key: String,
+    },
     /// Any I/O failure, with the object it concerns.
     #[error("{key}: {source}")]
     Io {
@@ -50,6 +57,9 @@ pub struct ObjectMeta {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// Version tag: the S3 ETag (content hash for simple uploads), or size and modification
+    /// time for a local file. A key listed with a new ETag is a new version to process.
+    pub etag: String,
 }
 
 /// One page of a listing; `next` continues it.
@@ -77,6 +87,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// The whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+
+    /// The whole object if it is still the version listed with `etag`, else
+    /// [`StorageError::Changed`] (a deleted object is [`StorageError::NotFound`]).
+    async fn get_version(&self, key: &str, etag: &str) -> Result<Bytes, StorageError>;
 
     /// Writes `bytes` under `key` atomically: readers see the old object or the whole new one.
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError>;

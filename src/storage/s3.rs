@@ -133,18 +133,24 @@ impl S3Store {
         format!("{}{key}", self.root)
     }
 
-    async fn get_once(&self, key: &str) -> Result<Bytes, StorageError> {
+    async fn get_once(&self, key: &str, etag: Option<&str>) -> Result<Bytes, StorageError> {
         let response = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(self.full(key))
+            .set_if_match(etag.filter(|e| !e.is_empty()).map(|e| format!("\"{e}\"")))
             .send()
             .await;
         let output = match response {
             Ok(output) => output,
             Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
                 return Err(StorageError::NotFound {
+                    key: key.to_string(),
+                })
+            }
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 412 => {
+                return Err(StorageError::Changed {
                     key: key.to_string(),
                 })
             }
@@ -270,7 +276,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-        outage_retry(key, || self.get_once(key)).await
+        outage_retry(key, || self.get_once(key, None)).await
+    }
+
+    async fn get_version(&self, key: &str, etag: &str) -> Result<Bytes, StorageError> {
+        outage_retry(key, || self.get_once(key, Some(etag))).await
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
@@ -332,6 +342,7 @@ impl S3Store {
                 (!key.ends_with('/')).then(|| ObjectMeta {
                     key,
                     size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
                 })
             })
             .collect();

@@ -96,21 +96,14 @@ pub fn shared_embedder() -> &'static Embedder {
 
 /// A run configuration for tests: `workers` threads, `epoch_keys` keys per epoch.
 pub fn config(input: &Path, output: &Path, workers: usize, epoch_keys: usize) -> RunConfig {
-    RunConfig {
-        input: input.to_str().unwrap().to_string(),
-        prefix: String::new(),
-        output: output.to_str().unwrap().to_string(),
-        workers,
-        epochs: EpochPolicy {
-            epoch_keys,
-            ..EpochPolicy::default()
-        },
-        batch_size: 4,
-        fetch_concurrency: 8,
-        filter: Default::default(),
-        store: Default::default(),
-        cluster: None,
-    }
+    let mut config = RunConfig::new(input.to_str().unwrap(), output.to_str().unwrap());
+    config.workers = workers;
+    config.epochs = EpochPolicy {
+        epoch_keys,
+        ..EpochPolicy::default()
+    };
+    config.fetch_concurrency = 8;
+    config
 }
 
 /// Runs the pipeline in-process.
@@ -177,6 +170,8 @@ pub fn copy_tree(from: &Path, to: &Path) {
 
 #[allow(dead_code)]
 pub mod fault_proxy;
+#[allow(dead_code)]
+pub mod process;
 #[allow(dead_code)]
 pub mod s3util;
 #[allow(dead_code)]

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
-use super::seaweed::{ACCESS_KEY, SECRET_KEY};
+use super::seaweed::{require_weed, SeaweedFs, ACCESS_KEY, SECRET_KEY};
 
 /// Puts the test credentials where aws-config's default chain finds them (environment), once,
 /// before any S3 client of this test binary is built.
@@ -152,4 +152,15 @@ pub async fn assert_clean_output(client: &Client, bucket: &str, prefix: &str) {
             "stray object {key}"
         );
     }
+}
+
+/// A fresh S3 server with one bucket, a runtime and a plain client for setup and checks.
+pub fn server_with_bucket(bucket: &str) -> (SeaweedFs, tokio::runtime::Runtime, Client) {
+    require_weed();
+    s3_env();
+    let server = SeaweedFs::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(client(&server.endpoint()));
+    rt.block_on(create_bucket(&client, bucket));
+    (server, rt, client)
 }

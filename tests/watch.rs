@@ -1,0 +1,195 @@
+//! Watch mode as a service, against a real S3 server (SeaweedFS on loopback): waves of new
+//! images are committed as they land, replaced objects get superseding rows, deleted ones
+//! stop nothing, the metrics endpoint agrees with the output, and SIGTERM finishes cleanly.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::process::{eventually, label_rows, scrape, Verger};
+use common::s3util::*;
+use common::*;
+
+const POLL: Duration = Duration::from_secs(1);
+/// Processing allowance for a wave of 100 images: 5 images/s, a fraction of what one core
+/// does, so a loaded CI machine still passes.
+const PROCESSING: Duration = Duration::from_secs(20);
+
+fn upload(rt: &tokio::runtime::Runtime, client: &aws_sdk_s3::Client, key: &str, source: &str) {
+    let body = std::fs::read(sample_dir().join(source)).unwrap();
+    rt.block_on(
+        client
+            .put_object()
+            .bucket("watch")
+            .key(format!("in/{key}"))
+            .body(ByteStream::from(body))
+            .send(),
+    )
+    .unwrap();
+}
+
+fn per_label(rows: &[&verger::record::Embedded]) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for r in rows {
+        *counts
+            .entry(r.label.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn waves_replacements_and_deletions_while_watching_then_sigterm() {
+    let (server, rt, client) = server_with_bucket("watch");
+    let opts = options(&server.endpoint());
+
+    // Images spread over every class: every 8th file of the sample.
+    let sample = files_under(&sample_dir());
+    let pick = |offset: usize, n: usize| -> Vec<String> {
+        sample
+            .iter()
+            .skip(offset)
+            .step_by(8)
+            .take(n)
+            .cloned()
+            .collect()
+    };
+    let waves: Vec<Vec<String>> = pick(0, 300).chunks(100).map(|c| c.to_vec()).collect();
+    assert_eq!(waves.iter().map(Vec::len).sum::<usize>(), 300);
+
+    let verger = Verger::start(&[
+        "run",
+        "--watch",
+        "--poll-interval",
+        "1s",
+        "--input",
+        "s3://watch/in",
+        "--output",
+        "s3://watch/out",
+        "--endpoint-url",
+        &server.endpoint(),
+        "--path-style",
+        "-w",
+        "2",
+        "--epoch-size",
+        "64",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let metrics = verger.metrics_addr();
+    // Empty prefix: it polls without committing anything.
+    verger.wait_for_line("poll done", Duration::from_secs(60));
+    assert!(read_location("s3://watch/out", &opts).rows.is_empty());
+
+    let mut expected: HashSet<String> = HashSet::new();
+    for (i, wave) in waves.iter().enumerate() {
+        for key in wave {
+            upload(&rt, &client, key, key);
+        }
+        let landed = Instant::now();
+        expected.extend(wave.iter().cloned());
+        let latency = eventually("wave committed", 2 * POLL + PROCESSING, || {
+            let rows = read_location("s3://watch/out", &opts).rows;
+            let keys: HashSet<String> = rows.into_iter().map(|r| r.key).collect();
+            (keys == expected).then(|| landed.elapsed())
+        });
+        eprintln!(
+            "wave {} ({} images) committed {:.2} s after its upload ended",
+            i + 1,
+            wave.len(),
+            latency.as_secs_f64()
+        );
+    }
+
+    // The endpoint answers during the run and agrees with the output.
+    let table = read_location("s3://watch/out", &opts);
+    assert_eq!(table.rows.len(), 300);
+    assert!(table.errors.is_empty(), "{:?}", table.errors);
+    let latest = table.latest_rows();
+    let m = eventually("metrics caught up", Duration::from_secs(10), || {
+        let m = scrape(&metrics);
+        (m["verger_objects_committed_total"] == 300.0 && label_rows(&m) == per_label(&latest))
+            .then_some(m)
+    });
+    assert_eq!(m["verger_objects_embedded_total"], 300.0);
+    assert_eq!(m["verger_objects_failed_total"], 0.0);
+    assert!(m["verger_objects_listed_total"] >= 300.0);
+    assert!(m["verger_read_bytes_total"] > 0.0 && m["verger_written_bytes_total"] > 0.0);
+
+    // Ten objects replaced by other pictures of their class: ten superseding rows.
+    let replaced: Vec<(String, String)> = waves[0]
+        .iter()
+        .take(10)
+        .map(|k| {
+            let class = k.rsplit_once('/').unwrap().0;
+            let other = sample
+                .iter()
+                .find(|s| s.starts_with(class) && !expected.contains(*s))
+                .unwrap();
+            (k.clone(), other.clone())
+        })
+        .collect();
+    for (key, source) in &replaced {
+        upload(&rt, &client, key, source);
+    }
+    let table = eventually("replacements committed", 2 * POLL + PROCESSING, || {
+        let t = read_location("s3://watch/out", &opts);
+        (t.rows.len() == 310).then_some(t)
+    });
+    let latest = table.latest_rows();
+    assert_eq!(latest.len(), 300, "superseded, not added");
+    for (key, _) in &replaced {
+        let versions: Vec<_> = table.rows.iter().filter(|r| &r.key == key).collect();
+        assert_eq!(versions.len(), 2, "{key}");
+        assert_ne!(versions[0].etag, versions[1].etag, "{key}");
+        assert!(
+            cosine(&versions[0].embedding, &versions[1].embedding) < 0.9999,
+            "{key}: the new row embeds the new picture"
+        );
+    }
+    let m = eventually("label counts unchanged", Duration::from_secs(10), || {
+        let m = scrape(&metrics);
+        (m["verger_objects_committed_total"] == 310.0).then_some(m)
+    });
+    assert_eq!(label_rows(&m), per_label(&latest), "latest rows per label");
+
+    // Deleting objects stops nothing: the next wave still lands.
+    for key in waves[1].iter().take(10) {
+        rt.block_on(
+            client
+                .delete_object()
+                .bucket("watch")
+                .key(format!("in/{key}"))
+                .send(),
+        )
+        .unwrap();
+    }
+    let last = pick(2, 20);
+    for key in &last {
+        upload(&rt, &client, key, key);
+    }
+    eventually(
+        "wave after deletions committed",
+        2 * POLL + PROCESSING,
+        || {
+            let t = read_location("s3://watch/out", &opts);
+            (t.rows.len() == 330).then_some(())
+        },
+    );
+
+    // SIGTERM: stop listing, finish what is in flight, exit 0.
+    verger.terminate();
+    let (status, stdout) = verger.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit {status:?}\n{stdout}");
+    assert!(stdout.contains("embedded 330, errors 0"), "{stdout}");
+    let table = read_location("s3://watch/out", &opts);
+    assert!(
+        table.errors.is_empty(),
+        "deletions are not errors: {:?}",
+        table.errors
+    );
+    assert_eq!(table.latest_rows().len(), 320);
+    rt.block_on(assert_clean_output(&client, "watch", "out/"));
+}
