@@ -1,8 +1,9 @@
 //! verger's own CPU kernels for the three layer kinds of the network, on NHWC activations
 //! (channels contiguous, so every inner loop runs over channels with unit stride).
 //!
-//! - 1x1 convolutions ([`pointwise`]) are matrix products `[pixels x C_in] x [C_in x C_out]`
-//!   tiled in registers, with bias, ReLU6 or the residual fused into the store.
+//! - 1x1 convolutions ([`pointwise_packed`]) are matrix products `[pixels x C_in] x
+//!   [C_in x C_out]` on weights packed once at load, in register blocks of 6 pixels x 2
+//!   vectors, starting from the bias (and residual) so the output is written once.
 //! - Depthwise convolutions ([`depthwise_relu6`]) and the 3-channel stem ([`stem_relu6`]) are
 //!   direct loops with TensorFlow "SAME" padding, bias and ReLU6 fused, accumulating blocks of
 //!   channels in registers.
@@ -130,75 +131,285 @@ pub enum Init<'a> {
     BiasResidual(&'a [f32], &'a [f32]),
 }
 
+/// 1x1 convolution weights `[c_in][c_out]` rearranged once for [`pointwise_packed`]: column
+/// panels as wide as two vector registers of this CPU (16 floats with AVX2), each panel
+/// `[c_in][panel]` contiguous and the last one zero-padded, so the inner loop reads the
+/// weights with unit stride and the product needs no packing per call.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    data: Vec<f32>,
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    panel: usize,
+}
+
+/// Floats per column panel on this CPU: two vector registers.
+fn panel_width() -> usize {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => 2 * Avx512::LANES,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => 2 * Avx2::LANES,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Baseline => 2 * Sse::LANES,
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Baseline => 2 * Scalar::LANES,
+    }
+}
+
+impl PackedWeights {
+    /// Packs `weights`, stored `[c_in][c_out]`.
+    pub fn new(weights: &[f32], c_in: usize, c_out: usize) -> Self {
+        assert_eq!(weights.len(), c_in * c_out, "pointwise weights");
+        let panel = panel_width();
+        let panels = c_out.div_ceil(panel);
+        let mut data = vec![0.0; panels * c_in * panel];
+        for j in 0..panels {
+            for i in 0..c_in {
+                for x in 0..panel.min(c_out - j * panel) {
+                    data[(j * c_in + i) * panel + x] = weights[i * c_out + j * panel + x];
+                }
+            }
+        }
+        Self {
+            data,
+            c_in,
+            c_out,
+            panel,
+        }
+    }
+}
+
+/// Pixels per register block of [`pointwise_packed`]: 6 rows x 2 vectors = 12 accumulators,
+/// plus 2 weight vectors and a broadcast input, fit the 16 AVX2 registers.
+const PW_ROWS: usize = 6;
+
+/// Input floats kept hot per row chunk: the chunk's pixels are reused across every column
+/// panel while they stay in L2.
+const PW_CHUNK_FLOATS: usize = 32 * 1024;
+
 /// 1x1 convolution without activation: `out[p][o] = init[p][o] + sum_i input[p][i] *
-/// weights[i][o]` for `pixels` rows of `c_in` channels, `weights` stored `[c_in][c_out]`.
-///
-/// The product is one call to the `gemm` crate (cache-blocked, packed, runtime-selected
-/// AVX-512/AVX2/SSE micro-kernels), single-threaded, accumulating onto `out` after it has been
-/// filled with the bias (and residual): no pass over the output after the product. ReLU6, where
-/// the network wants it, is applied by the consumer as it reads ([`depthwise_relu6`] clamps
-/// its input, [`sum_rows_relu6`] the head's), so it costs no extra pass either.
-pub fn pointwise(
+/// weights[i][o]` for `pixels` rows of `c_in` channels, on weights packed once
+/// ([`PackedWeights`]), with the initial value (zero, bias, bias plus residual) loaded straight
+/// into the accumulators: one pass over the output, no per-call packing. ReLU6, where the
+/// network wants it, is applied by the consumer as it reads ([`depthwise_relu6`] clamps its
+/// input, [`sum_rows_bias_relu6`] the head's), so it costs no extra pass either. Register blocks of 6 pixels x 2 vectors run
+/// over all input channels; rows are taken in chunks that stay in L2 while every column panel
+/// passes over them.
+pub fn pointwise_packed(
     input: &[f32],
     pixels: usize,
-    c_in: usize,
-    weights: &[f32],
-    c_out: usize,
+    weights: &PackedWeights,
     init: Init<'_>,
     out: &mut [f32],
 ) {
-    assert!(input.len() >= pixels * c_in, "pointwise input too short");
-    assert_eq!(weights.len(), c_in * c_out, "pointwise weights");
-    let out = &mut out[..pixels * c_out];
+    let (k, n) = (weights.c_in, weights.c_out);
+    assert!(input.len() >= pixels * k, "pointwise input too short");
+    assert!(out.len() >= pixels * n, "pointwise output too short");
     match init {
         Init::Zero => {}
-        Init::Bias(bias) => {
-            assert_eq!(bias.len(), c_out, "pointwise bias");
-            for row in out.chunks_exact_mut(c_out) {
-                row.copy_from_slice(bias);
+        Init::Bias(b) => assert_eq!(b.len(), n, "pointwise bias"),
+        Init::BiasResidual(b, r) => {
+            assert_eq!(b.len(), n, "pointwise bias");
+            assert!(r.len() >= pixels * n, "pointwise residual too short");
+        }
+    }
+    assert_eq!(
+        weights.panel,
+        panel_width(),
+        "weights packed for another CPU"
+    );
+    let io = PointwiseIo {
+        input,
+        pixels,
+        w: weights,
+        init,
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn avx512(io: &PointwiseIo<'_>, o: &mut [f32]) {
+            pointwise_body::<Avx512>(io, o)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(io: &PointwiseIo<'_>, o: &mut [f32]) {
+            pointwise_body::<Avx2>(io, o)
+        }
+        match isa() {
+            // SAFETY: `isa()` detected these features on this CPU.
+            Isa::Avx512 => return unsafe { avx512(&io, out) },
+            Isa::Avx2 => return unsafe { avx2(&io, out) },
+            Isa::Baseline => {}
+        }
+        pointwise_body::<Sse>(&io, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    pointwise_body::<Scalar>(&io, out)
+}
+
+/// The read-only operands of one packed 1x1 convolution.
+struct PointwiseIo<'a> {
+    input: &'a [f32],
+    pixels: usize,
+    w: &'a PackedWeights,
+    init: Init<'a>,
+}
+
+#[inline(always)]
+fn pointwise_body<V: Simd>(io: &PointwiseIo<'_>, out: &mut [f32]) {
+    let (k, n, panel) = (io.w.c_in, io.w.c_out, io.w.panel);
+    debug_assert!(panel == 2 * V::LANES && panel <= 64);
+    let chunk = (PW_CHUNK_FLOATS / k.max(1)).max(PW_ROWS) / PW_ROWS * PW_ROWS;
+    let mut first = 0;
+    while first < io.pixels {
+        let rows = chunk.min(io.pixels - first);
+        for j in 0..n.div_ceil(panel) {
+            let mut r = 0;
+            while r < rows {
+                let row = first + r;
+                // SAFETY: rows row..row+m exist in input and out, panel j exists in the packed
+                // weights; the bounds were checked by `pointwise_packed`.
+                unsafe {
+                    match (rows - r).min(PW_ROWS) {
+                        6 => pointwise_block::<V, 6>(io, row, j, out),
+                        5 => pointwise_block::<V, 5>(io, row, j, out),
+                        4 => pointwise_block::<V, 4>(io, row, j, out),
+                        3 => pointwise_block::<V, 3>(io, row, j, out),
+                        2 => pointwise_block::<V, 2>(io, row, j, out),
+                        _ => pointwise_block::<V, 1>(io, row, j, out),
+                    }
+                }
+                r += PW_ROWS;
             }
         }
-        Init::BiasResidual(bias, residual) => {
-            assert_eq!(bias.len(), c_out, "pointwise bias");
-            assert!(
-                residual.len() >= pixels * c_out,
-                "pointwise residual too short"
-            );
-            for (row, res) in out
-                .chunks_exact_mut(c_out)
-                .zip(residual.chunks_exact(c_out))
-            {
-                for ((o, b), r) in row.iter_mut().zip(bias).zip(res) {
-                    *o = b + r;
+        first += rows;
+    }
+}
+
+/// Output rows `row..row + M`, columns of panel `j`.
+///
+/// # Safety
+/// Rows `row..row + M` must exist and panel `j` too; `V` must be usable on this CPU.
+#[inline(always)]
+unsafe fn pointwise_block<V: Simd, const M: usize>(
+    io: &PointwiseIo<'_>,
+    row: usize,
+    j: usize,
+    out: &mut [f32],
+) {
+    let (n, panel) = (io.w.c_out, io.w.panel);
+    let l = V::LANES;
+    let col = j * panel;
+    let width = panel.min(n - col);
+    if width < panel {
+        return pointwise_tail::<V, M>(io, row, j, width, out);
+    }
+    let mut acc = [[V::splat(0.0); 2]; M];
+    for (r, a) in acc.iter_mut().enumerate() {
+        match io.init {
+            Init::Zero => {}
+            Init::Bias(b) => {
+                let bias = b.as_ptr().add(col);
+                a[0] = V::load(bias);
+                a[1] = V::load(bias.add(l));
+            }
+            Init::BiasResidual(b, res) => {
+                let base = res.as_ptr().add((row + r) * n + col);
+                let bias = b.as_ptr().add(col);
+                a[0] = V::add(V::load(bias), V::load(base));
+                a[1] = V::add(V::load(bias.add(l)), V::load(base.add(l)));
+            }
+        }
+    }
+    let acc = pointwise_product::<V, M, 2>(io, row, j, acc);
+    for (r, acc) in acc.iter().enumerate() {
+        let o = out.as_mut_ptr().add((row + r) * n + col);
+        V::store(o, acc[0]);
+        V::store(o.add(l), acc[1]);
+    }
+}
+
+/// A partial last panel: the product goes to a small buffer, then the valid columns, with
+/// the initial value added, to the output (no load or store past the end of a row).
+///
+/// # Safety
+/// As [`pointwise_block`]; `width` is the number of valid columns of panel `j`.
+#[inline(always)]
+unsafe fn pointwise_tail<V: Simd, const M: usize>(
+    io: &PointwiseIo<'_>,
+    row: usize,
+    j: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    let (n, l) = (io.w.c_out, V::LANES);
+    let col = j * io.w.panel;
+    // A tail of at most one register needs half the multiplications.
+    let mut bufs = [[0.0f32; 64]; M];
+    if width <= l {
+        let acc = pointwise_product::<V, M, 1>(io, row, j, [[V::splat(0.0); 1]; M]);
+        for (buf, acc) in bufs.iter_mut().zip(&acc) {
+            V::store(buf.as_mut_ptr(), acc[0]);
+        }
+    } else {
+        let acc = pointwise_product::<V, M, 2>(io, row, j, [[V::splat(0.0); 2]; M]);
+        for (buf, acc) in bufs.iter_mut().zip(&acc) {
+            V::store(buf.as_mut_ptr(), acc[0]);
+            V::store(buf.as_mut_ptr().add(l), acc[1]);
+        }
+    }
+    for (r, buf) in bufs.iter().enumerate() {
+        let o = &mut out[(row + r) * n + col..][..width];
+        match io.init {
+            Init::Zero => o.copy_from_slice(&buf[..width]),
+            Init::Bias(b) => {
+                for ((o, v), b) in o.iter_mut().zip(buf).zip(&b[col..]) {
+                    *o = v + b;
+                }
+            }
+            Init::BiasResidual(b, res) => {
+                let res = &res[(row + r) * n + col..];
+                for (((o, v), b), x) in o.iter_mut().zip(buf).zip(&b[col..]).zip(res) {
+                    *o = v + b + x;
                 }
             }
         }
     }
-    // SAFETY: the three row-major matrices lie within their slices (checked above) and `out`
-    // does not alias the inputs (it is a `&mut`).
-    unsafe {
-        gemm::gemm(
-            pixels,
-            c_out,
-            c_in,
-            out.as_mut_ptr(),
-            1,
-            c_out as isize,
-            !matches!(init, Init::Zero),
-            input.as_ptr(),
-            1,
-            c_in as isize,
-            weights.as_ptr(),
-            1,
-            c_out as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+}
+
+/// `acc += input rows row..row+M x the first NV registers of panel j`, over every input
+/// channel.
+///
+/// # Safety
+/// As [`pointwise_block`]; `NV` is 1 or 2.
+#[inline(always)]
+unsafe fn pointwise_product<V: Simd, const M: usize, const NV: usize>(
+    io: &PointwiseIo<'_>,
+    row: usize,
+    j: usize,
+    mut acc: [[V::V; NV]; M],
+) -> [[V::V; NV]; M] {
+    let (k, panel) = (io.w.c_in, io.w.panel);
+    let l = V::LANES;
+    let mut a = io.input.as_ptr().add(row * k);
+    let mut b = io.w.data.as_ptr().add(j * k * panel);
+    for _ in 0..k {
+        let mut w = [V::splat(0.0); NV];
+        for (v, w) in w.iter_mut().enumerate() {
+            *w = V::load(b.add(v * l));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = V::splat(*a.add(r * k));
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                *acc = V::madd(x, *w, *acc);
+            }
+        }
+        a = a.add(1);
+        b = b.add(panel);
     }
+    acc
 }
 
 /// Adds `relu6(x + bias)` of every row of `x` (rows of `sum.len()` values) to `sum`: the
@@ -563,6 +774,41 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn packed_pointwise_matches_a_direct_product(
+            pixels in 1usize..40, c_in in 1usize..70, c_out in 1usize..90,
+            mode in 0usize..3, seed in 0u64..1000,
+        ) {
+            let input = values(pixels * c_in, seed);
+            let weights = values(c_in * c_out, seed + 1);
+            let bias = values(c_out, seed + 2);
+            let residual = values(pixels * c_out, seed + 3);
+            let init = match mode {
+                0 => Init::Zero,
+                1 => Init::Bias(&bias),
+                _ => Init::BiasResidual(&bias, &residual),
+            };
+            let packed = PackedWeights::new(&weights, c_in, c_out);
+            let mut out = vec![f32::NAN; pixels * c_out];
+            pointwise_packed(&input, pixels, &packed, init, &mut out);
+            for p in 0..pixels {
+                for o in 0..c_out {
+                    let mut want = match mode {
+                        0 => 0.0,
+                        1 => bias[o] as f64,
+                        _ => (bias[o] + residual[p * c_out + o]) as f64,
+                    };
+                    for i in 0..c_in {
+                        want += input[p * c_in + i] as f64 * weights[i * c_out + o] as f64;
+                    }
+                    let got = out[p * c_out + o];
+                    prop_assert!((got as f64 - want).abs() < 1e-3, "{} vs {}", got, want);
+                }
+            }
+        }
+    }
+
     #[test]
     fn stem_matches_a_direct_convolution() {
         let s = ConvShape::same(9, 7, 3, 2);
@@ -596,40 +842,6 @@ mod tests {
     /// Every (ky, kx, input channel) of a 3x3 kernel over RGB.
     fn kernel_taps() -> impl Iterator<Item = (usize, usize, usize)> {
         (0..3).flat_map(|ky| (0..3).flat_map(move |kx| (0..3).map(move |ci| (ky, kx, ci))))
-    }
-
-    #[test]
-    fn pointwise_is_a_matrix_product_onto_bias_and_residual() {
-        for (pixels, c_in, c_out) in [(13, 24, 40), (7, 5, 64 + 16 + 8 + 3), (1, 1, 1)] {
-            let input = values(pixels * c_in, 3);
-            let weights = values(c_in * c_out, 4);
-            let bias = values(c_out, 5);
-            let residual = values(pixels * c_out, 6);
-            let dot = |p: usize, o: usize| -> f64 {
-                (0..c_in)
-                    .map(|i| input[p * c_in + i] as f64 * weights[i * c_out + o] as f64)
-                    .sum::<f64>()
-                    + bias[o] as f64
-            };
-            for with_residual in [false, true] {
-                let init = match with_residual {
-                    false => Init::Bias(&bias),
-                    true => Init::BiasResidual(&bias, &residual),
-                };
-                let mut out = vec![f32::NAN; pixels * c_out];
-                pointwise(&input, pixels, c_in, &weights, c_out, init, &mut out);
-                for p in 0..pixels {
-                    for o in 0..c_out {
-                        let mut want = dot(p, o);
-                        if with_residual {
-                            want += residual[p * c_out + o] as f64;
-                        }
-                        let got = out[p * c_out + o] as f64;
-                        assert!((got - want).abs() < 1e-4, "{init:?} {p} {o}");
-                    }
-                }
-            }
-        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl ModelSpec {
 /// Which engine runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Backend {
-    /// verger's own NHWC kernels (gemm for 1x1 convolutions, fused depthwise): fastest measured.
+    /// verger's own NHWC kernels (packed 1x1 convolutions, fused depthwise): fastest measured.
     #[default]
     Native,
     /// burn-flex: Burn's portable SIMD CPU backend.

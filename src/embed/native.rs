@@ -10,47 +10,42 @@
 //! hold both to the same PyTorch reference.
 
 use super::architecture::{FoldedConv, FoldedNet, FEATURE_DIM};
-use super::kernels::{self, ConvShape, Init, STEM_OUT};
+use super::kernels::{self, ConvShape, Init, PackedWeights, STEM_OUT};
 use crate::decode::normalise_interleaved_into;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// A 1x1 convolution: weights `[c_in][c_out]`.
+/// A 1x1 convolution: weights packed in column panels for this CPU.
 #[derive(Debug)]
 struct Pointwise {
-    weights: Vec<f32>,
+    weights: PackedWeights,
     bias: Vec<f32>,
-    c_in: usize,
     c_out: usize,
 }
 
 impl Pointwise {
-    fn new(conv: &FoldedConv) -> Self {
-        let (c_out, c_in) = (conv.out_channels(), conv.in_channels());
+    /// From PyTorch's `[out][in]` layout (a 1x1 convolution or a linear layer).
+    fn from_out_in(values: &[f32], c_out: usize, c_in: usize, bias: &[f32]) -> Self {
         let mut weights = vec![0.0; c_in * c_out];
         for o in 0..c_out {
             for i in 0..c_in {
-                weights[i * c_out + o] = conv.weight.values[o * c_in + i];
+                weights[i * c_out + o] = values[o * c_in + i];
             }
         }
         Self {
-            weights,
-            bias: conv.bias.clone(),
-            c_in,
+            weights: PackedWeights::new(&weights, c_in, c_out),
+            bias: bias.to_vec(),
             c_out,
         }
     }
 
+    fn new(conv: &FoldedConv) -> Self {
+        let (c_out, c_in) = (conv.out_channels(), conv.in_channels());
+        Self::from_out_in(&conv.weight.values, c_out, c_in, &conv.bias)
+    }
+
     /// The convolution over `pixels` rows of `input`, onto `init` (no activation).
     fn apply(&self, input: &[f32], pixels: usize, init: Init<'_>, out: &mut [f32]) {
-        kernels::pointwise(
-            input,
-            pixels,
-            self.c_in,
-            &self.weights,
-            self.c_out,
-            init,
-            out,
-        );
+        kernels::pointwise_packed(input, pixels, &self.weights, init, out);
     }
 }
 
@@ -169,22 +164,10 @@ impl NativeNet {
             .map(|b| b.depthwise.channels)
             .max()
             .unwrap_or(0);
-        let classifier = net.classifier.as_ref().map(|(w, b)| Pointwise {
-            // `_fc.weight` is `[out][in]`; the kernel wants `[in][out]`.
-            weights: {
-                let (n_out, n_in) = (w.shape[0], w.shape[1]);
-                let mut t = vec![0.0; n_in * n_out];
-                for o in 0..n_out {
-                    for i in 0..n_in {
-                        t[i * n_out + o] = w.values[o * n_in + i];
-                    }
-                }
-                t
-            },
-            bias: b.clone(),
-            c_in: w.shape[1],
-            c_out: w.shape[0],
-        });
+        let classifier = net
+            .classifier
+            .as_ref()
+            .map(|(w, b)| Pointwise::from_out_in(&w.values, w.shape[0], w.shape[1], b));
         let mut native = Self {
             weights: Arc::new(Weights {
                 stem: stem_w,
