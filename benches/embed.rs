@@ -1,18 +1,66 @@
 //! `embed`: the network's forward pass on one thread at batch 1, 8 and 32, for every engine
-//! compiled in (images/s = batch / time). Run: `cargo bench --bench embed`.
+//! compiled in (images/s = batch / time), after a table of where the native engine's forward
+//! pass spends its time, layer by layer (median of 40 passes). Run: `cargo bench --bench embed`.
 
 mod common;
 
 use clap::ValueEnum;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::time::Duration;
 use verger::decode::decode_and_resize;
-use verger::embed::{Backend, ModelSpec};
+use verger::embed::native::LayerTime;
+use verger::embed::{Backend, Embedder, ModelSpec};
+
+/// Prints the native engine's per-layer medians over `passes` forward passes (and, for each
+/// block, the medians of its expansion, depthwise and projection kernels).
+fn layer_table(embedder: &Embedder, pixels: &[u8], passes: usize) {
+    let runs: Vec<Vec<LayerTime>> = (0..passes + 5)
+        .filter_map(|_| embedder.layer_times(pixels))
+        .skip(5)
+        .collect();
+    let Some(first) = runs.first() else {
+        return;
+    };
+    let median = |mut t: Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2] * 1e3
+    };
+    let ms = |f: &dyn Fn(&LayerTime) -> Option<Duration>, i: usize| {
+        let t: Option<Vec<f64>> = runs
+            .iter()
+            .map(|r| f(&r[i]).map(|d| d.as_secs_f64()))
+            .collect();
+        t.map(median)
+    };
+    let medians: Vec<f64> = (0..first.len())
+        .map(|i| ms(&|l| Some(l.time), i).unwrap_or(0.0))
+        .collect();
+    let total: f64 = medians.iter().sum();
+    println!("native forward pass, median of {passes}, one thread (ms):");
+    println!("| layer | ms | share | expand | depthwise | project |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (i, (l, t)) in first.iter().zip(&medians).enumerate() {
+        let part = |k: usize| {
+            ms(&|l| l.kernels.map(|p| p[k]), i).map_or(String::new(), |v| format!("{v:.3}"))
+        };
+        println!(
+            "| {} | {t:.3} | {:.1}% | {} | {} | {} |",
+            l.layer,
+            100.0 * t / total,
+            part(0),
+            part(1),
+            part(2)
+        );
+    }
+    println!("| total | {total:.3} | {:.0} images/s | | | |", 1e3 / total);
+}
 
 fn embed(c: &mut Criterion) {
     let spec = ModelSpec::efficientnet_lite0();
     let pixels = decode_and_resize(&common::sample_jpeg(), spec.input_size)
         .expect("decodes")
         .rgb;
+    layer_table(&common::embedder(Backend::Native), &pixels, 40);
     let mut group = c.benchmark_group("embed");
     group.sample_size(10);
     for &backend in Backend::value_variants() {

@@ -168,6 +168,15 @@ impl Embedder {
         }
     }
 
+    /// Per-layer timings of one forward pass over `rgb` ([`NativeNet::layer_times`]); `None`
+    /// on a Burn backend, whose layers are not timed separately.
+    pub fn layer_times(&self, rgb: &[u8]) -> Option<Vec<native::LayerTime>> {
+        match &self.engine {
+            Engine::Native(net) => Some(net.layer_times(rgb, self.spec.mean, self.spec.std)),
+            Engine::Burn { .. } => None,
+        }
+    }
+
     /// ImageNet top-1 class per image (the full classifier), to check the import.
     pub fn imagenet_top1(&self, images: &[&[u8]]) -> Result<Vec<usize>, EmbedError> {
         let missing = || EmbedError::Backend("checkpoint has no classifier".into());

@@ -22,6 +22,20 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn load(p: *const f32) -> Self::V;
     /// Unaligned store of `LANES` floats.
     unsafe fn store(p: *mut f32, v: Self::V);
+    /// The first `n` floats at `p` (`0 < n <= LANES`), zeros in the other lanes; reads nothing
+    /// past `p + n`.
+    unsafe fn load_first(p: *const f32, n: usize) -> Self::V {
+        let mut buf = [0.0f32; 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+        Self::load(buf.as_ptr())
+    }
+    /// Stores the first `n` lanes of `v` at `p` (`0 < n <= LANES`); writes nothing past
+    /// `p + n`.
+    unsafe fn store_first(p: *mut f32, v: Self::V, n: usize) {
+        let mut buf = [0.0f32; 16];
+        Self::store(buf.as_mut_ptr(), v);
+        std::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+    }
     /// `a * b + c` (fused where the instruction set has FMA).
     unsafe fn madd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a + b`.
@@ -94,6 +108,14 @@ mod x86 {
             _mm512_storeu_ps(p, v)
         }
         #[inline(always)]
+        unsafe fn load_first(p: *const f32, n: usize) -> __m512 {
+            _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, p)
+        }
+        #[inline(always)]
+        unsafe fn store_first(p: *mut f32, v: __m512, n: usize) {
+            _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as __mmask16, v)
+        }
+        #[inline(always)]
         unsafe fn madd(a: __m512, b: __m512, c: __m512) -> __m512 {
             _mm512_fmadd_ps(a, b, c)
         }
@@ -128,6 +150,14 @@ mod x86 {
             _mm256_storeu_ps(p, v)
         }
         #[inline(always)]
+        unsafe fn load_first(p: *const f32, n: usize) -> __m256 {
+            _mm256_maskload_ps(p, first_lanes(n))
+        }
+        #[inline(always)]
+        unsafe fn store_first(p: *mut f32, v: __m256, n: usize) {
+            _mm256_maskstore_ps(p, first_lanes(n), v)
+        }
+        #[inline(always)]
         unsafe fn madd(a: __m256, b: __m256, c: __m256) -> __m256 {
             _mm256_fmadd_ps(a, b, c)
         }
@@ -139,6 +169,13 @@ mod x86 {
         unsafe fn relu6(a: __m256) -> __m256 {
             _mm256_min_ps(_mm256_max_ps(a, _mm256_setzero_ps()), _mm256_set1_ps(6.0))
         }
+    }
+
+    /// An AVX2 lane mask selecting the first `n` of 8 lanes (`n <= 8`).
+    #[inline(always)]
+    unsafe fn first_lanes(n: usize) -> __m256i {
+        static MASKS: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+        _mm256_loadu_si256(MASKS.as_ptr().add(8 - n) as *const __m256i)
     }
 
     /// 4 floats in an XMM register (SSE2, every x86-64; no FMA).
