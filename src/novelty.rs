@@ -17,10 +17,17 @@
 //! worker 0, which drives the source; every other worker closes its inputs at once.
 //!
 //! Memory is the `handled` and `rows` arrangements, one entry per object version ever
-//! committed: listing pages come and go.
+//! committed (listing pages come and go), so the arrangements hold fixed-size fingerprints,
+//! not strings: a version is the first 128 bits of SHA-256 over its key and ETag (a chance
+//! collision, which would skip an object, is about n^2 / 2^129: 10^-22 for 10^8 objects), a
+//! row is a 64-bit fingerprint of its key with its epoch and a 64-bit fingerprint of its
+//! label, whose name worker 0 keeps in a small table (labels are few). Three arrangements
+//! hold them: `handled` (the antijoin's), and the input and output of the latest-row
+//! reduction. Measured over 50,000 objects: about 1 KB per object with strings, 200 bytes
+//! with fingerprints and a `distinct` before the antijoin, 140 bytes without it.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,17 +45,44 @@ use crate::storage::ObjectMeta;
 type Tick = u64;
 /// An object version: key and ETag.
 type Version = (String, String);
-/// A committed row: key -> (epoch, label).
-type Row = (String, (Epoch, Option<String>));
+/// Fingerprint of a version (or of a key).
+type Fingerprint = u128;
+/// Fingerprint of a label.
+type LabelId = u64;
+/// A committed row: 64-bit key fingerprint -> (epoch, label fingerprint). (A collision
+/// here could only merge two keys in the per-label counts, a metric, never skip an object.)
+type Row = (u64, (Epoch, LabelId));
+
+/// The first 128 bits of SHA-256 over `parts`, each length-prefixed (so ("ab", "c") and
+/// ("a", "bc") differ): the same on every worker, process and build.
+fn fingerprint(parts: &[&str]) -> Fingerprint {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    u128::from_le_bytes(first)
+}
+
+/// A label's fingerprint ("" for keys at the root).
+fn label_id(label: &str) -> LabelId {
+    fingerprint(&[label]) as u64
+}
 
 /// Handles on the incremental dataflow (see the module documentation).
 pub struct Novelty {
-    listing: InputSession<Tick, (Version, u64), isize>,
-    handled: InputSession<Tick, Version, isize>,
+    listing: InputSession<Tick, (Fingerprint, (Version, u64)), isize>,
+    handled: InputSession<Tick, Fingerprint, isize>,
     rows: InputSession<Tick, Row, isize>,
     probe: ProbeHandle<Tick>,
     fresh: Rc<RefCell<Vec<(Version, u64)>>>,
     labels: Rc<RefCell<BTreeMap<String, i64>>>,
+    /// Label names by fingerprint, for the counts that come back as fingerprints.
+    label_names: Rc<RefCell<HashMap<LabelId, String>>>,
     tick: Tick,
     pending_rows: bool,
 }
@@ -59,20 +93,27 @@ impl Novelty {
     pub fn build(worker: &mut Worker, metrics: Arc<Metrics>) -> Self {
         let fresh: Rc<RefCell<Vec<(Version, u64)>>> = Rc::default();
         let labels: Rc<RefCell<BTreeMap<String, i64>>> = Rc::default();
+        let label_names: Rc<RefCell<HashMap<LabelId, String>>> = Rc::default();
         let probe = ProbeHandle::new();
         let (fresh_out, labels_out, probe_in) = (fresh.clone(), labels.clone(), probe.clone());
+        let names = label_names.clone();
         let (listing, handled, rows) = worker.dataflow::<Tick, _, _>(move |scope| {
-            let (listing_in, listing) = scope.new_collection::<(Version, u64), isize>();
-            let (handled_in, handled) = scope.new_collection::<Version, isize>();
+            let (listing_in, listing) =
+                scope.new_collection::<(Fingerprint, (Version, u64)), isize>();
+            let (handled_in, handled) = scope.new_collection::<Fingerprint, isize>();
             let (rows_in, rows) = scope.new_collection::<Row, isize>();
 
+            // `handled` is a set: versions are added once, when first released (seeds from the
+            // manifests are deduplicated). Were one added twice, the antijoin would give it a
+            // negative count, which is not news either: no `distinct`, and its two
+            // arrangements, is needed.
             listing
-                .antijoin(handled.distinct())
+                .antijoin(handled)
                 // antijoin emits +1 and -1 for a handled version: only the sum means anything
                 .consolidate()
                 .inner
                 .exchange(|_| 0)
-                .inspect(move |(version, _tick, diff)| {
+                .inspect(move |((_, version), _tick, diff)| {
                     // Retractions (released, or the page's tick is over) are not news.
                     if *diff > 0 {
                         fresh_out.borrow_mut().push(version.clone());
@@ -83,14 +124,17 @@ impl Novelty {
             rows.reduce(|_key, versions, latest| {
                 // Values come sorted: the last is the highest epoch.
                 let ((_, label), _) = versions[versions.len() - 1];
-                latest.push((label.clone(), 1isize));
+                latest.push((*label, 1isize));
             })
-            .map(|(_key, label)| label.unwrap_or_default())
+            .map(|(_key, label)| label)
             .count()
             .consolidate()
             .inner
             .exchange(|_| 0)
-            .inspect(move |((label, count), _tick, diff)| {
+            .inspect(move |((id, count), _tick, diff)| {
+                let Some(label) = names.borrow().get(id).cloned() else {
+                    return;
+                };
                 let mut labels = labels_out.borrow_mut();
                 let entry = labels.entry(label.clone()).or_default();
                 // A count changes as (old, -1) and (new, +1), in either order.
@@ -99,7 +143,7 @@ impl Novelty {
                 } else if *entry == *count as i64 {
                     *entry = 0;
                 }
-                metrics.set_label_rows(label, *entry);
+                metrics.set_label_rows(&label, *entry);
             })
             .probe_with(&probe_in);
 
@@ -112,6 +156,7 @@ impl Novelty {
             probe,
             fresh,
             labels,
+            label_names,
             tick: 0,
             pending_rows: false,
         }
@@ -119,16 +164,27 @@ impl Novelty {
 
     /// Marks versions as handled (committed by an earlier run) without releasing them.
     pub fn add_handled(&mut self, versions: impl IntoIterator<Item = (String, String)>) {
-        for v in versions {
-            self.handled.update(v, 1);
+        let mut fingerprints: Vec<Fingerprint> = versions
+            .into_iter()
+            .map(|(key, etag)| fingerprint(&[&key, &etag]))
+            .collect();
+        fingerprints.sort_unstable();
+        fingerprints.dedup();
+        for f in fingerprints {
+            self.handled.update(f, 1);
         }
     }
 
     /// Adds committed rows of `epoch` to the per-label counts (applied at the next
     /// [`settle`](Self::settle) or page).
     pub fn add_rows(&mut self, epoch: Epoch, rows: impl IntoIterator<Item = RowId>) {
+        let mut names = self.label_names.borrow_mut();
         for r in rows {
-            self.rows.update((r.key, (epoch, r.label)), 1);
+            let label = r.label.unwrap_or_default();
+            let id = label_id(&label);
+            names.entry(id).or_insert(label);
+            self.rows
+                .update((fingerprint(&[&r.key]) as u64, (epoch, id)), 1);
             self.pending_rows = true;
         }
     }
@@ -142,7 +198,7 @@ impl Novelty {
     pub fn new_objects(&mut self, worker: &mut Worker, page: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
         let now = self.tick;
         for o in page {
-            let item = ((o.key, o.etag), o.size);
+            let item = (fingerprint(&[&o.key, &o.etag]), ((o.key, o.etag), o.size));
             self.listing.update_at(item.clone(), now + 1, -1);
             self.listing.update_at(item, now, 1);
         }
@@ -150,8 +206,8 @@ impl Novelty {
         let mut fresh = std::mem::take(&mut *self.fresh.borrow_mut());
         fresh.sort();
         fresh.dedup();
-        for (version, _) in &fresh {
-            self.handled.update(version.clone(), 1);
+        for ((key, etag), _) in &fresh {
+            self.handled.update(fingerprint(&[key, etag]), 1);
         }
         fresh
             .into_iter()
