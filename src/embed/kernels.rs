@@ -520,9 +520,10 @@ impl DepthwiseWeights {
 /// receives the output rows in order, `rows.len() x out_w x channels`.
 ///
 /// Each tap's FMA depends on the previous one, so a single output pixel would wait on the FMA
-/// latency; away from the left/right borders four neighbouring output pixels are computed
-/// together (independent accumulators, each weight vector loaded once for the four), with the
-/// kernel size a compile-time constant so the taps unroll and neighbours share input loads.
+/// latency; neighbouring output pixels are computed together (groups of 8 for a stride-1 3x3,
+/// else 4; border pixels too, their taps outside the image skipped), with independent
+/// accumulators, each kernel row's weights loaded once for the group, and kernel size and
+/// stride compile-time constants so the taps unroll and neighbours share input loads.
 pub fn depthwise_relu6(
     weights: &DepthwiseWeights,
     shape: &ConvShape,
