@@ -1,6 +1,7 @@
-//! `embed`: the network's forward pass on one thread at batch 1, 8 and 32, for every engine
-//! compiled in (images/s = batch / time), after a table of where the native engine's forward
-//! pass spends its time, layer by layer (median of 40 passes). Run: `cargo bench --bench embed`.
+//! `embed`: the network's forward pass on one thread at batch 1, 8 and 32, for every backend
+//! compiled in (images/s = batch / time), after tables of where the forward pass spends its
+//! time, layer by layer (median of 40 passes), with verger's fused kernels (flex) and with Burn's
+//! own operations (flex-plain). Run: `cargo bench --bench embed`.
 
 mod common;
 
@@ -8,14 +9,15 @@ use clap::ValueEnum;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
 use verger::decode::decode_and_resize;
-use verger::embed::native::LayerTime;
-use verger::embed::{Backend, Embedder, ModelSpec};
+use verger::embed::efficientnet::LayerTime;
+use verger::embed::{Backend, ModelSpec};
 
-/// Prints the native engine's per-layer medians over `passes` forward passes (and, for each
+/// Prints the per-layer medians over `passes` forward passes on `backend` (and, for each fused
 /// block, the medians of its expansion, depthwise and projection kernels).
-fn layer_table(embedder: &Embedder, pixels: &[u8], passes: usize) {
+fn layer_table(backend: Backend, pixels: &[u8], passes: usize) {
+    let embedder = common::embedder(backend);
     let runs: Vec<Vec<LayerTime>> = (0..passes + 5)
-        .filter_map(|_| embedder.layer_times(pixels))
+        .map(|_| embedder.layer_times(pixels))
         .skip(5)
         .collect();
     let Some(first) = runs.first() else {
@@ -36,7 +38,10 @@ fn layer_table(embedder: &Embedder, pixels: &[u8], passes: usize) {
         .map(|i| ms(&|l| Some(l.time), i).unwrap_or(0.0))
         .collect();
     let total: f64 = medians.iter().sum();
-    println!("native forward pass, median of {passes}, one thread (ms):");
+    println!(
+        "{backend:?} forward pass ({} kernels), median of {passes}, one thread (ms):",
+        verger::embed::kernels::instruction_set()
+    );
     println!("| layer | ms | share | expand | depthwise | project |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, (l, t)) in first.iter().zip(&medians).enumerate() {
@@ -60,7 +65,8 @@ fn embed(c: &mut Criterion) {
     let pixels = decode_and_resize(&common::sample_jpeg(), spec.input_size)
         .expect("decodes")
         .rgb;
-    layer_table(&common::embedder(Backend::Native), &pixels, 40);
+    layer_table(Backend::Flex, &pixels, 40);
+    layer_table(Backend::FlexPlain, &pixels, 10);
     let mut group = c.benchmark_group("embed");
     group.sample_size(10);
     for &backend in Backend::value_variants() {

@@ -105,21 +105,8 @@ pub fn resize_rgb(rgb: Vec<u8>, width: u32, height: u32, side: u32) -> Vec<u8> {
     dst.into_vec()
 }
 
-/// Writes `rgb` (HWC, u8) as normalised CHW float32 into `out`: `(x / 255 - mean) / std`.
-pub fn normalise_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
-    let plane = rgb.len() / 3;
-    assert_eq!(out.len(), rgb.len(), "output must hold 3 planes");
-    for c in 0..3 {
-        let scale = 1.0 / (255.0 * std[c]);
-        let shift = mean[c] / std[c];
-        let dst = &mut out[c * plane..(c + 1) * plane];
-        for (d, px) in dst.iter_mut().zip(rgb.chunks_exact(3)) {
-            *d = px[c] as f32 * scale - shift;
-        }
-    }
-}
-
-/// RGB8 pixels to normalised floats, interleaved (NHWC, the layout of verger's own kernels):
+/// RGB8 pixels to normalised floats, interleaved (NHWC, the memory order of the network's
+/// input tensor):
 /// `out[3p + c] = (rgb[3p + c] / 255 - mean[c]) / std[c]`.
 pub fn normalise_interleaved_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     assert_eq!(out.len(), rgb.len(), "output must hold every channel");
@@ -164,26 +151,19 @@ mod tests {
         let rgb = [0u8, 128, 255, 10, 20, 30];
         let mean = [0.485, 0.456, 0.406];
         let std = [0.229, 0.224, 0.225];
-        let mut out = [0f32; 6];
-        normalise_into(&rgb, mean, std, &mut out);
-        // planes: R = [0, 10], G = [128, 20], B = [255, 30]
-        let expect = |v: f32, c: usize| (v / 255.0 - mean[c]) / std[c];
-        let want = [
-            expect(0.0, 0),
-            expect(10.0, 0),
-            expect(128.0, 1),
-            expect(20.0, 1),
-            expect(255.0, 2),
-            expect(30.0, 2),
-        ];
-        for (a, b) in out.iter().zip(want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
-        // Interleaved: the same values, pixel by pixel.
         let mut nhwc = [0f32; 6];
         normalise_interleaved_into(&rgb, mean, std, &mut nhwc);
-        let interleaved = [want[0], want[2], want[4], want[1], want[3], want[5]];
-        for (a, b) in nhwc.iter().zip(interleaved) {
+        let expect = |v: f32, c: usize| (v / 255.0 - mean[c]) / std[c];
+        // Pixel by pixel: (0, 128, 255), then (10, 20, 30).
+        let want = [
+            expect(0.0, 0),
+            expect(128.0, 1),
+            expect(255.0, 2),
+            expect(10.0, 0),
+            expect(20.0, 1),
+            expect(30.0, 2),
+        ];
+        for (a, b) in nhwc.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }

@@ -73,7 +73,8 @@ struct ModelArgs {
     /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
     #[arg(long, env = "VERGER_MODEL_DIR")]
     model_dir: Option<PathBuf>,
-    /// Engine that runs the network: verger's own kernels (native), or a Burn CPU backend.
+    /// Burn backend of the network: flex with verger's fused kernels (fastest), or Burn's own
+    /// operations (flex-plain), or the ndarray backend with or without the kernels.
     #[arg(long, value_enum, default_value_t = Backend::default())]
     backend: Backend,
 }

@@ -19,7 +19,8 @@ fn reference_pixels() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Every engine compiled in (native, and the Burn backends) against PyTorch, row by row.
+/// Every backend compiled in, with and without verger's fused kernels, against PyTorch, row by
+/// row.
 #[test]
 fn features_match_pytorch_on_the_same_pixels() {
     use clap::ValueEnum;
@@ -48,15 +49,39 @@ fn features_match_pytorch_on_the_same_pixels() {
     }
 }
 
+/// Batches of 1, 4 and 7 images really go through the module as one tensor each (the fused
+/// kernels loop over the batch inside each operation, Burn's own operations take it whole):
+/// every image gets the same row whatever batch it was in, on the fused and the plain path.
 #[test]
 fn batch_size_does_not_change_features() {
-    let embedder = embedder();
+    use verger::embed::{Backend, Embedder, ModelSpec};
     let pixels = reference_pixels();
-    let refs: Vec<&[u8]> = pixels[..5].iter().map(Vec::as_slice).collect();
-    let together = embedder.embed(&refs).unwrap();
-    for (i, one) in refs.iter().enumerate() {
-        let alone = embedder.embed(&[one]).unwrap();
-        assert!(max_abs_diff(&alone[0], &together[i]) <= 1e-5);
+    let images: Vec<&[u8]> = pixels[..7].iter().map(Vec::as_slice).collect();
+    for backend in [Backend::Flex, Backend::FlexPlain] {
+        let embedder = Embedder::load(&ModelSpec::efficientnet_lite0(), &weights(), backend)
+            .expect("weights load");
+        let alone: Vec<Vec<f32>> = images
+            .iter()
+            .map(|img| embedder.embed(&[img]).unwrap().remove(0))
+            .collect();
+        let seven = embedder.embed(&images).unwrap();
+        let four_then_three: Vec<Vec<f32>> = images
+            .chunks(4)
+            .flat_map(|chunk| embedder.embed(chunk).unwrap())
+            .collect();
+        assert_eq!(seven.len(), 7);
+        assert_eq!(four_then_three.len(), 7);
+        for (i, one) in alone.iter().enumerate() {
+            for (batch, rows) in [(7, &seven), (4, &four_then_three)] {
+                let diff = max_abs_diff(one, &rows[i]);
+                assert!(
+                    diff <= 1e-5,
+                    "{backend:?}: image {i} in a batch of {batch} differs by {diff}"
+                );
+            }
+        }
+        // Different images give different rows: the batch is not one image repeated.
+        assert!(max_abs_diff(&alone[0], &alone[1]) > 1e-2);
     }
 }
 

@@ -1,146 +1,445 @@
-//! EfficientNet-Lite0 as a feature extractor on any Burn device (NCHW tensors).
+//! EfficientNet-Lite as Burn modules: the one definition of the network in verger.
 //!
-//! Built from a [`FoldedNet`]: one convolution with bias per layer, ReLU6, residual adds, and a
-//! global average pool. Padding is TensorFlow "SAME" ([`same_padding`]).
+//! [`EfficientNetConfig`] holds the stage table; [`EfficientNetConfig::init`] builds the
+//! modules on a device, [`super::import`] loads a PyTorch checkpoint into them and folds every
+//! BatchNorm into its convolution. Lite variants use ReLU6, no squeeze-excitation, a fixed stem
+//! (32) and head (1280), and TensorFlow "SAME" padding (burn-nn's `PaddingConfig2d::Same`:
+//! asymmetric on stride 2, the odd pixel at the bottom/right, as the weights were trained).
+//!
+//! [`EfficientNet::features`] is the forward pass. Each layer runs through verger's fused
+//! kernels ([`super::extension`]) when the module was prepared for them
+//! ([`EfficientNet::with_kernels`]) and its input lives on a backend that has them (Flex,
+//! NdArray); everywhere else, and always when not prepared, through Burn's own operations
+//! (`conv2d` with groups, explicit padding, `clamp`, `mean_dim`). Both paths compute the same
+//! function, and the tests hold both to PyTorch's features.
 
-use super::architecture::{same_padding, FoldedConv, FoldedNet, IMAGENET_CLASSES};
-use super::state_dict::RawTensor;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use super::extension;
+use super::kernels::{self, DepthwiseWeights, Padding, Pointwise, StemWeights};
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::{Device, Tensor};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// A convolution with folded BatchNorm on one device: weight OIHW, bias, stride, groups.
-#[derive(Clone, Debug)]
-struct Conv {
-    weight: Tensor<4>,
-    bias: Tensor<1>,
-    kernel: usize,
-    stride: usize,
-    groups: usize,
+/// One stage of inverted-residual blocks: the first block has `stride` and goes from `input`
+/// to `output` channels, the `repeats - 1` others keep `output` channels at stride 1.
+#[derive(Config, Debug, PartialEq)]
+pub struct StageConfig {
+    /// Blocks in the stage.
+    pub repeats: usize,
+    /// Depthwise kernel side.
+    pub kernel: usize,
+    /// Stride of the stage's first block.
+    pub stride: usize,
+    /// Expanded channels per input channel (1: no expansion convolution).
+    pub expand_ratio: usize,
+    /// Input channels of the stage.
+    pub input: usize,
+    /// Output channels of every block of the stage.
+    pub output: usize,
 }
 
-impl Conv {
-    fn new(folded: &FoldedConv, device: &Device) -> Self {
-        Self {
-            weight: to_tensor::<4>(&folded.weight, device),
-            bias: Tensor::from_data(
-                TensorData::new(folded.bias.clone(), [folded.bias.len()]),
-                device,
-            ),
-            kernel: folded.kernel,
-            stride: folded.stride,
-            groups: folded.groups,
-        }
-    }
+/// The architecture: stem, stage table, head and classifier sizes.
+#[derive(Config, Debug)]
+pub struct EfficientNetConfig {
+    /// Channels of the stem convolution (3x3, stride 2).
+    pub stem_channels: usize,
+    /// The stage table.
+    pub stages: Vec<StageConfig>,
+    /// Channels of the head convolution: the width of the features.
+    pub head_channels: usize,
+    /// ImageNet classes of the classifier kept beside the features.
+    #[config(default = 1000)]
+    pub num_classes: usize,
+    /// BatchNorm epsilon used in training.
+    #[config(default = 1e-3)]
+    pub batch_norm_eps: f64,
+}
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, h, w] = x.dims();
-        let options = ConvOptions::new_with_padding(
-            [self.stride; 2],
-            [
-                same_padding(h, self.kernel, self.stride),
-                same_padding(w, self.kernel, self.stride),
+impl EfficientNetConfig {
+    /// EfficientNet-Lite0: `r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24, r2_k5_s22_e6_i24_o40,
+    /// r3_k3_s22_e6_i40_o80, r3_k5_s11_e6_i80_o112, r4_k5_s22_e6_i112_o192,
+    /// r1_k3_s11_e6_i192_o320`, stem 32, head 1280.
+    pub fn lite0() -> Self {
+        let stage = |repeats, kernel, stride, expand_ratio, input, output| StageConfig {
+            repeats,
+            kernel,
+            stride,
+            expand_ratio,
+            input,
+            output,
+        };
+        Self::new(
+            32,
+            vec![
+                stage(1, 3, 1, 1, 32, 16),
+                stage(2, 3, 2, 6, 16, 24),
+                stage(2, 5, 2, 6, 24, 40),
+                stage(3, 3, 2, 6, 40, 80),
+                stage(3, 5, 1, 6, 80, 112),
+                stage(4, 5, 2, 6, 112, 192),
+                stage(1, 3, 1, 6, 192, 320),
             ],
-            [1, 1],
-            self.groups,
-        );
-        conv2d(x, self.weight.clone(), Some(self.bias.clone()), options)
+            1280,
+        )
     }
-}
 
-/// Inverted residual block: optional 1x1 expansion, depthwise kxk, 1x1 projection.
-#[derive(Clone, Debug)]
-struct MbConv {
-    expand: Option<Conv>,
-    depthwise: Conv,
-    project: Conv,
-    residual: bool,
-}
-
-impl MbConv {
-    fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = input.clone();
-        if let Some(expand) = &self.expand {
-            x = relu6(expand.forward(x));
+    /// The network on `device`, with freshly initialised (untrained) parameters and one
+    /// BatchNorm after every convolution: the shape a checkpoint is loaded into.
+    pub fn init(&self, device: &Device) -> EfficientNet {
+        let eps = self.batch_norm_eps;
+        let mut blocks = Vec::new();
+        for stage in &self.stages {
+            for r in 0..stage.repeats {
+                let (c_in, stride) = match r {
+                    0 => (stage.input, stage.stride),
+                    _ => (stage.output, 1),
+                };
+                let hidden = c_in * stage.expand_ratio;
+                let conv = |c_in, c_out, kernel, stride, groups, relu6| {
+                    ConvNorm::init([c_in, c_out], kernel, stride, groups, relu6, eps, device)
+                };
+                blocks.push(InvertedResidual {
+                    expand: (stage.expand_ratio != 1).then(|| conv(c_in, hidden, 1, 1, 1, true)),
+                    depthwise: conv(hidden, hidden, stage.kernel, stride, hidden, true),
+                    project: conv(hidden, stage.output, 1, 1, 1, false),
+                    residual: stride == 1 && c_in == stage.output,
+                    kernel: None,
+                });
+            }
         }
-        x = relu6(self.depthwise.forward(x));
-        x = self.project.forward(x);
-        if self.residual {
-            x = x + input;
-        }
-        x
-    }
-}
-
-/// EfficientNet-Lite0 with the classifier kept aside: [`features`](Self::features) is the
-/// 1280-d global average pool of the head; [`logits`](Self::logits) applies the ImageNet
-/// classifier to such features (used to check the import against PyTorch's top-1).
-#[derive(Clone, Debug)]
-pub struct EfficientNetLite0 {
-    stem: Conv,
-    blocks: Vec<MbConv>,
-    head: Conv,
-    classifier: Option<(Tensor<2>, Tensor<1>)>,
-}
-
-impl EfficientNetLite0 {
-    /// Uploads the folded network to `device`.
-    pub fn new(net: &FoldedNet, device: &Device) -> Self {
-        let blocks = net
-            .blocks
-            .iter()
-            .map(|b| MbConv {
-                expand: b.expand.as_ref().map(|c| Conv::new(c, device)),
-                depthwise: Conv::new(&b.depthwise, device),
-                project: Conv::new(&b.project, device),
-                residual: b.residual,
-            })
-            .collect();
-        let classifier = net.classifier.as_ref().map(|(w, b)| {
-            (
-                to_tensor::<2>(w, device).transpose(),
-                Tensor::from_data(TensorData::new(b.clone(), [b.len()]), device),
-            )
-        });
-        Self {
-            stem: Conv::new(&net.stem, device),
+        let last = blocks
+            .last()
+            .map_or(self.stem_channels, |b| b.project.conv.weight.dims()[0]);
+        EfficientNet {
+            stem: ConvNorm::init([3, self.stem_channels], 3, 2, 1, true, eps, device),
             blocks,
-            head: Conv::new(&net.head, device),
-            classifier,
+            head: ConvNorm::init([last, self.head_channels], 1, 1, 1, true, eps, device),
+            classifier: Some(LinearConfig::new(self.head_channels, self.num_classes).init(device)),
+            stem_kernel: None,
+            head_kernel: None,
+        }
+    }
+}
+
+/// A convolution, the BatchNorm after it (until folded into it), and ReLU6 or nothing.
+#[derive(Module, Debug)]
+pub struct ConvNorm {
+    /// The convolution ("SAME" padding; bias once the norm is folded in).
+    pub conv: Conv2d,
+    /// The BatchNorm, `None` once folded.
+    pub norm: Option<BatchNorm>,
+    /// Whether ReLU6 follows.
+    pub relu6: bool,
+}
+
+impl ConvNorm {
+    fn init(
+        channels: [usize; 2],
+        kernel: usize,
+        stride: usize,
+        groups: usize,
+        relu6: bool,
+        eps: f64,
+        device: &Device,
+    ) -> Self {
+        let conv = Conv2dConfig::new(channels, [kernel; 2])
+            .with_stride([stride; 2])
+            .with_groups(groups)
+            .with_padding(PaddingConfig2d::Same)
+            .with_bias(false)
+            .init(device);
+        let norm = BatchNormConfig::new(channels[1])
+            .with_epsilon(eps)
+            .init(device);
+        Self {
+            conv,
+            norm: Some(norm),
+            relu6,
         }
     }
 
-    /// Features of a normalised NCHW batch: `[N, 1280]`.
-    pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu6(self.stem.forward(x));
-        for block in &self.blocks {
-            x = block.forward(x);
+    /// Burn's operations: convolution, BatchNorm if not folded, ReLU6 if any.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = self.conv.forward(x);
+        let x = match &self.norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
+        match self.relu6 {
+            true => x.clamp(0.0, 6.0),
+            false => x,
         }
-        x = relu6(self.head.forward(x));
+    }
+
+    /// The BatchNorm (inference statistics) folded into the convolution:
+    /// `w' = w * g / sqrt(v + eps)`, `b' = beta + (b - mean) * g / sqrt(v + eps)`, so the layer
+    /// is one convolution with bias.
+    pub fn fold(self) -> Self {
+        let Some(norm) = self.norm else {
+            return self;
+        };
+        let mut conv = self.conv;
+        let scale = norm.gamma.val() / (norm.running_var.value() + norm.epsilon).sqrt();
+        let out = scale.dims()[0];
+        let weight = conv.weight.val() * scale.clone().reshape([out, 1, 1, 1]);
+        let mean = norm.running_mean.value();
+        let shifted = match &conv.bias {
+            Some(b) => b.val() - mean,
+            None => -mean,
+        };
+        conv.weight = Param::from_tensor(weight);
+        conv.bias = Some(Param::from_tensor(norm.beta.val() + shifted * scale));
+        Self {
+            conv,
+            norm: None,
+            relu6: self.relu6,
+        }
+    }
+
+    /// Kernel-side padding of this convolution.
+    fn padding(&self) -> Padding {
+        match self.conv.padding {
+            PaddingConfig2d::Same => Padding::Same,
+            _ => Padding::Symmetric,
+        }
+    }
+
+    /// The folded weight (OIHW) and bias, read back to host memory for packing.
+    fn host_weights(&self) -> (Vec<f32>, Vec<f32>) {
+        assert!(self.norm.is_none(), "kernels are packed from folded layers");
+        let values = |t: Tensor<1>| {
+            t.into_data()
+                .try_to_vec::<f32>()
+                .expect("float32 parameters")
+        };
+        let weight = self.conv.weight.val().flatten::<1>(0, 3);
+        let bias = self.conv.bias.as_ref().expect("a folded layer has a bias");
+        (values(weight), values(bias.val()))
+    }
+
+    /// Output and input channels (per group) and kernel side.
+    fn dims(&self) -> (usize, usize, usize) {
+        let [o, i, k, _] = self.conv.weight.dims();
+        (o, i, k)
+    }
+
+    /// As a packed 1x1 convolution.
+    fn pointwise(&self) -> Pointwise {
+        let (o, i, k) = self.dims();
+        assert_eq!(k, 1, "a pointwise layer has a 1x1 kernel");
+        let (w, b) = self.host_weights();
+        Pointwise::from_out_in(&w, &b, o, i)
+    }
+}
+
+/// Inverted-residual block: optional 1x1 expansion (ReLU6), depthwise kxk (ReLU6), linear 1x1
+/// projection, plus the block input when stride is 1 and channels match.
+#[derive(Module, Debug)]
+pub struct InvertedResidual {
+    /// 1x1 expansion, absent when the expand ratio is 1.
+    pub expand: Option<ConvNorm>,
+    /// Depthwise convolution (groups = channels).
+    pub depthwise: ConvNorm,
+    /// 1x1 projection, no activation.
+    pub project: ConvNorm,
+    /// Whether the block input is added to its output.
+    pub residual: bool,
+    /// The block packed for the fused kernels, when prepared.
+    #[module(skip)]
+    kernel: Option<Arc<kernels::InvertedResidual>>,
+}
+
+impl InvertedResidual {
+    /// The block: fused when prepared and `x` is on a backend with the kernels, else Burn's
+    /// operations layer by layer.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if let Some(kernel) = self.kernel.as_ref().filter(|_| extension::applies(&x)) {
+            return extension::inverted_residual(x, kernel);
+        }
+        let mut y = x.clone();
+        if let Some(expand) = &self.expand {
+            y = expand.forward(y);
+        }
+        y = self.project.forward(self.depthwise.forward(y));
+        match self.residual {
+            true => y + x,
+            false => y,
+        }
+    }
+
+    fn packed(&self) -> kernels::InvertedResidual {
+        let (hidden, _, k) = self.depthwise.dims();
+        let stride = self.depthwise.conv.stride[0];
+        let (w, b) = self.depthwise.host_weights();
+        kernels::InvertedResidual::new(
+            self.expand.as_ref().map(ConvNorm::pointwise),
+            DepthwiseWeights::new(&w, &b, hidden, k, stride),
+            self.project.pointwise(),
+            self.residual,
+            self.depthwise.padding(),
+        )
+    }
+
+    fn fold(self) -> Self {
+        Self {
+            expand: self.expand.map(ConvNorm::fold),
+            depthwise: self.depthwise.fold(),
+            project: self.project.fold(),
+            residual: self.residual,
+            kernel: None,
+        }
+    }
+}
+
+/// EfficientNet-Lite with the ImageNet classifier kept aside: [`features`](Self::features) is
+/// the global average pool of the head (the embedding); [`logits`](Self::logits) applies the
+/// classifier to features (used to check the import against PyTorch's top-1).
+#[derive(Module, Debug)]
+pub struct EfficientNet {
+    /// 3x3 stride-2 stem convolution (ReLU6).
+    pub stem: ConvNorm,
+    /// Inverted-residual blocks in order.
+    pub blocks: Vec<InvertedResidual>,
+    /// 1x1 head convolution (ReLU6), pooled into the features.
+    pub head: ConvNorm,
+    /// ImageNet classifier on the features, when the checkpoint has one.
+    pub classifier: Option<Linear>,
+    /// The stem packed for the fused kernels, when prepared.
+    #[module(skip)]
+    stem_kernel: Option<Arc<StemWeights>>,
+    /// The head packed for the fused kernels, when prepared.
+    #[module(skip)]
+    head_kernel: Option<Arc<Pointwise>>,
+}
+
+/// Where one forward pass spends its time: one line of [`EfficientNet::layer_times`].
+#[derive(Clone, Debug)]
+pub struct LayerTime {
+    /// What the layer computes: input size, channels, kernel and stride.
+    pub layer: String,
+    /// Wall time of the layer.
+    pub time: Duration,
+    /// For a fused block: time in its expansion, depthwise and projection kernels.
+    pub kernels: Option<[Duration; 3]>,
+}
+
+impl EfficientNet {
+    /// Every BatchNorm folded into its convolution (inference only): one convolution with
+    /// bias per layer.
+    pub fn fold_batch_norms(self) -> Self {
+        Self {
+            stem: self.stem.fold(),
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(InvertedResidual::fold)
+                .collect(),
+            head: self.head.fold(),
+            classifier: self.classifier,
+            stem_kernel: None,
+            head_kernel: None,
+        }
+    }
+
+    /// Packs the folded layers for verger's fused kernels, once: the forward pass then runs
+    /// them whenever its input is on a backend that has them ([`extension::supports`]). The
+    /// module must be folded ([`fold_batch_norms`](Self::fold_batch_norms)).
+    pub fn with_kernels(mut self) -> Self {
+        let (_, _, k) = self.stem.dims();
+        let (w, b) = self.stem.host_weights();
+        let stride = self.stem.conv.stride[0];
+        self.stem_kernel = Some(Arc::new(StemWeights::new(
+            &w,
+            &b,
+            k,
+            stride,
+            self.stem.padding(),
+        )));
+        for block in &mut self.blocks {
+            block.kernel = Some(Arc::new(block.packed()));
+        }
+        self.head_kernel = Some(Arc::new(self.head.pointwise()));
+        self
+    }
+
+    /// Whether the module was prepared for the fused kernels.
+    pub fn has_kernels(&self) -> bool {
+        self.stem_kernel.is_some()
+    }
+
+    /// The stem: `[N, 3, H, W]` to `[N, 32, H/2, W/2]`.
+    fn stem(&self, x: Tensor<4>) -> Tensor<4> {
+        match self.stem_kernel.as_ref().filter(|_| extension::applies(&x)) {
+            Some(kernel) => extension::stem(x, kernel),
+            None => self.stem.forward(x),
+        }
+    }
+
+    /// The head and the global average pool: `[N, C, H, W]` to `[N, 1280]`.
+    fn head_pool(&self, x: Tensor<4>) -> Tensor<2> {
+        if let Some(kernel) = self.head_kernel.as_ref().filter(|_| extension::applies(&x)) {
+            return extension::head_pool(x, kernel);
+        }
+        let x = self.head.forward(x);
         let [n, c, h, w] = x.dims();
         x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
     }
 
+    /// Features of a normalised `[N, 3, H, W]` batch: `[N, 1280]`.
+    pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = self.stem(x);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.head_pool(x)
+    }
+
     /// ImageNet logits `[N, 1000]` from features, when the checkpoint had a classifier.
     pub fn logits(&self, features: Tensor<2>) -> Option<Tensor<2>> {
-        let (w, b) = self.classifier.as_ref()?;
-        let n = features.dims()[0];
-        Some(
-            features.matmul(w.clone())
-                + b.clone()
-                    .reshape([1, IMAGENET_CLASSES])
-                    .expand([n, IMAGENET_CLASSES]),
-        )
+        Some(self.classifier.as_ref()?.forward(features))
     }
-}
 
-fn relu6<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    x.clamp(0.0, 6.0)
-}
-
-fn to_tensor<const D: usize>(raw: &RawTensor, device: &Device) -> Tensor<D> {
-    Tensor::from_data(
-        TensorData::new(raw.values.clone(), raw.shape.clone()),
-        device,
-    )
+    /// The forward pass of `x` layer by layer, timed: the stem, each block (with the split
+    /// between its expansion, depthwise and projection kernels when fused) and the head with
+    /// pooling, named by what they compute. For `cargo bench --bench embed`: profile first,
+    /// then fix the largest share.
+    pub fn layer_times(&self, x: Tensor<4>) -> Vec<LayerTime> {
+        let [_, _, h, w] = x.dims();
+        let started = Instant::now();
+        let mut x = self.stem(x);
+        let mut lines = vec![LayerTime {
+            layer: format!("stem {h}x{w} 3->{} k3/2", x.dims()[1]),
+            time: started.elapsed(),
+            kernels: None,
+        }];
+        for (i, block) in self.blocks.iter().enumerate() {
+            let [_, c_in, h, w] = x.dims();
+            let (hidden, _, k) = block.depthwise.dims();
+            let started = Instant::now();
+            let (y, split) = kernels::kernel_times(|| block.forward(x));
+            let time = started.elapsed();
+            lines.push(LayerTime {
+                layer: format!(
+                    "block {i:>2} {h}x{w} {c_in}->{hidden}->{} k{k}/{}",
+                    y.dims()[1],
+                    block.depthwise.conv.stride[0]
+                ),
+                time,
+                kernels: (split != [Duration::ZERO; 3]).then_some(split),
+            });
+            x = y;
+        }
+        let [_, c, h, w] = x.dims();
+        let started = Instant::now();
+        let features = self.head_pool(x);
+        lines.push(LayerTime {
+            layer: format!("head {h}x{w} {c}->{} + pool", features.dims()[1]),
+            time: started.elapsed(),
+            kernels: None,
+        });
+        lines
+    }
 }

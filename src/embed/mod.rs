@@ -1,32 +1,32 @@
-//! Embed stage: pretrained EfficientNet-Lite0 (classifier removed) on a CPU engine.
+//! Embed stage: pretrained EfficientNet-Lite0 (classifier removed) as a Burn module.
 //!
 //! - [`ModelSpec`]: the model descriptor in `models/`, compiled in.
 //! - [`weights_file`]: obtains and verifies the checkpoint.
-//! - [`state_dict`]: reads it (burn-store) and folds BatchNorm.
-//! - [`architecture`]: the layer list and the folded weights, engine-independent.
-//! - [`native`] on [`kernels`]: verger's own NHWC engine, the default (fastest measured).
-//! - [`efficientnet`]: the same network on a Burn backend (flex or ndarray).
+//! - [`efficientnet`]: the network, defined once as Burn modules; [`import`] loads the
+//!   checkpoint into it with burn-store and folds BatchNorm.
+//! - [`extension`]: verger's fused kernels ([`kernels`]) as a Burn backend extension for Flex
+//!   and NdArray, which the module uses wherever its tensors live on those backends.
 //! - [`Embedder`]: batches of RGB8 pixels in, 1280-d float32 rows out.
 //!
-//! Every timely worker owns one [`Embedder`] and every engine runs on the calling thread (no
-//! rayon pool), so `-w N` uses N cores and never oversubscribes them.
+//! Every timely worker owns one [`Embedder`] and every backend runs on the calling thread (Burn's
+//! CPU backends are built without their rayon pools, the kernels are single-threaded), so `-w N`
+//! uses N cores and never oversubscribes them.
 
-pub mod architecture;
 pub mod efficientnet;
+pub mod extension;
+pub mod import;
 pub mod kernels;
-pub mod native;
-mod simd;
-pub mod state_dict;
 pub mod weights_file;
 
-use crate::decode::normalise_into;
-use architecture::FoldedNet;
+use crate::decode::normalise_interleaved_into;
 use burn::tensor::{Device, Tensor, TensorData};
-use efficientnet::EfficientNetLite0;
-use native::NativeNet;
+use efficientnet::{EfficientNet, EfficientNetConfig, LayerTime};
+pub use import::WeightsError;
 use serde::Deserialize;
-use state_dict::{StateDict, WeightsError};
 use std::path::Path;
+
+/// Width of the feature vector: channels of the head convolution.
+pub const FEATURE_DIM: usize = 1280;
 
 /// A model descriptor from `models/`: where its weights come from and what input it expects.
 #[derive(Clone, Debug, Deserialize)]
@@ -63,30 +63,42 @@ impl ModelSpec {
     }
 }
 
-/// Which engine runs the network.
+/// Which Burn backend runs the network, and whether through verger's fused kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Backend {
-    /// verger's own NHWC kernels (packed 1x1 convolutions, fused depthwise): fastest measured.
+    /// Burn's flex backend with verger's fused kernels (backend extension): fastest measured.
     #[default]
-    Native,
-    /// burn-flex: Burn's portable SIMD CPU backend.
-    #[cfg(feature = "flex")]
     Flex,
-    /// burn-ndarray: the original Burn CPU backend (deprecated in Burn 0.22, kept for comparison).
+    /// Burn's flex backend with Burn's own operations only: the reference path.
+    FlexPlain,
+    /// Burn's ndarray backend with verger's fused kernels.
     #[cfg(feature = "ndarray")]
     Ndarray,
+    /// Burn's ndarray backend with Burn's own operations only.
+    #[cfg(feature = "ndarray")]
+    NdarrayPlain,
 }
 
 impl Backend {
-    /// The Burn device of this backend, `None` for the native engine.
-    pub fn burn_device(self) -> Option<Device> {
+    /// The Burn device of this backend.
+    pub fn device(self) -> Device {
         match self {
-            Backend::Native => None,
-            #[cfg(feature = "flex")]
-            Backend::Flex => Some(Device::flex()),
+            Backend::Flex | Backend::FlexPlain => Device::flex(),
             #[cfg(feature = "ndarray")]
             #[allow(deprecated)]
-            Backend::Ndarray => Some(Device::ndarray()),
+            Backend::Ndarray | Backend::NdarrayPlain => Device::ndarray(),
+        }
+    }
+
+    /// Whether the module is prepared for verger's fused kernels.
+    pub fn fused(self) -> bool {
+        match self {
+            Backend::Flex => true,
+            Backend::FlexPlain => false,
+            #[cfg(feature = "ndarray")]
+            Backend::Ndarray => true,
+            #[cfg(feature = "ndarray")]
+            Backend::NdarrayPlain => false,
         }
     }
 }
@@ -97,40 +109,34 @@ pub enum EmbedError {
     /// The backend failed to return the output.
     #[error("backend error: {0}")]
     Backend(String),
+    /// The checkpoint had no ImageNet classifier.
+    #[error("the checkpoint has no classifier")]
+    NoClassifier,
 }
 
-/// The network loaded on one engine.
-#[derive(Clone, Debug)]
-enum Engine {
-    Native(NativeNet),
-    Burn {
-        device: Device,
-        model: Box<EfficientNetLite0>,
-    },
-}
-
-/// A loaded network on one engine: batches of pixels in, feature rows out.
+/// A loaded network on one backend: batches of pixels in, feature rows out. Cloning shares the
+/// weights (Burn tensors and packed kernels are reference-counted).
 #[derive(Clone, Debug)]
 pub struct Embedder {
     spec: ModelSpec,
-    engine: Engine,
+    device: Device,
+    model: EfficientNet,
 }
 
 impl Embedder {
     /// Loads the checkpoint at `weights` (already verified) onto `backend`.
     pub fn load(spec: &ModelSpec, weights: &Path, backend: Backend) -> Result<Self, WeightsError> {
-        let sd = StateDict::from_pth(weights)?;
-        let net = FoldedNet::from_state_dict(&sd, spec.batch_norm_eps)?;
-        let engine = match backend.burn_device() {
-            None => Engine::Native(NativeNet::new(&net, spec.input_size as usize)),
-            Some(device) => Engine::Burn {
-                model: Box::new(EfficientNetLite0::new(&net, &device)),
-                device,
-            },
+        let device = backend.device();
+        let config = EfficientNetConfig::lite0().with_batch_norm_eps(spec.batch_norm_eps as f64);
+        let model = import::load_checkpoint(config.init(&device), weights)?;
+        let model = match backend.fused() {
+            true => model.with_kernels(),
+            false => model,
         };
         Ok(Self {
             spec: spec.clone(),
-            engine,
+            device,
+            model,
         })
     }
 
@@ -139,15 +145,23 @@ impl Embedder {
         &self.spec
     }
 
-    /// Normalised NCHW batch tensor from `input_size`² RGB8 images.
-    fn batch_tensor(&self, images: &[&[u8]], device: &Device) -> Tensor<4> {
+    /// The network.
+    pub fn model(&self) -> &EfficientNet {
+        &self.model
+    }
+
+    /// The batch as the module takes it: `[N, 3, side, side]`, normalised, in channels-last
+    /// memory order (the layout of the pixels and of the fused kernels; a permuted view, no
+    /// copy).
+    pub fn batch_tensor(&self, images: &[&[u8]]) -> Tensor<4> {
         let side = self.spec.input_size as usize;
         let per = 3 * side * side;
         let mut data = vec![0f32; images.len() * per];
         for (img, out) in images.iter().zip(data.chunks_exact_mut(per)) {
-            normalise_into(img, self.spec.mean, self.spec.std, out);
+            normalise_interleaved_into(img, self.spec.mean, self.spec.std, out);
         }
-        Tensor::from_data(TensorData::new(data, [images.len(), 3, side, side]), device)
+        let nhwc = TensorData::new(data, [images.len(), side, side, 3]);
+        Tensor::<4>::from_data(nhwc, &self.device).permute([0, 3, 1, 2])
     }
 
     /// Embeds a batch of RGB8 images of `input_size`² pixels: one `feature_dim` row each.
@@ -155,44 +169,24 @@ impl Embedder {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let (mean, std) = (self.spec.mean, self.spec.std);
-        match &self.engine {
-            Engine::Native(net) => Ok(images
-                .iter()
-                .map(|rgb| net.features(rgb, mean, std))
-                .collect()),
-            Engine::Burn { device, model } => {
-                let features = model.features(self.batch_tensor(images, device));
-                rows(features, self.spec.feature_dim)
-            }
-        }
+        let features = self.model.features(self.batch_tensor(images));
+        rows(features, self.spec.feature_dim)
     }
 
-    /// Per-layer timings of one forward pass over `rgb` ([`NativeNet::layer_times`]); `None`
-    /// on a Burn backend, whose layers are not timed separately.
-    pub fn layer_times(&self, rgb: &[u8]) -> Option<Vec<native::LayerTime>> {
-        match &self.engine {
-            Engine::Native(net) => Some(net.layer_times(rgb, self.spec.mean, self.spec.std)),
-            Engine::Burn { .. } => None,
-        }
+    /// Per-layer timings of one forward pass over `rgb` ([`EfficientNet::layer_times`]).
+    pub fn layer_times(&self, rgb: &[u8]) -> Vec<LayerTime> {
+        self.model.layer_times(self.batch_tensor(&[rgb]))
     }
 
     /// ImageNet top-1 class per image (the full classifier), to check the import.
     pub fn imagenet_top1(&self, images: &[&[u8]]) -> Result<Vec<usize>, EmbedError> {
-        let missing = || EmbedError::Backend("checkpoint has no classifier".into());
-        let logits = match &self.engine {
-            Engine::Native(net) => self
-                .embed(images)?
-                .iter()
-                .map(|f| net.logits(f).ok_or_else(missing))
-                .collect::<Result<Vec<_>, _>>()?,
-            Engine::Burn { device, model } => {
-                let features = model.features(self.batch_tensor(images, device));
-                let logits = model.logits(features).ok_or_else(missing)?;
-                rows(logits, architecture::IMAGENET_CLASSES)?
-            }
-        };
-        Ok(logits
+        let features = self.model.features(self.batch_tensor(images));
+        let logits = self
+            .model
+            .logits(features)
+            .ok_or(EmbedError::NoClassifier)?;
+        let classes = logits.dims()[1];
+        Ok(rows(logits, classes)?
             .iter()
             .map(|r| {
                 r.iter()

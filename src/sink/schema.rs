@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::embed::architecture::FEATURE_DIM;
+use crate::embed::FEATURE_DIM;
 use crate::record::{Embedded, Failure};
 
 /// Rows per Parquet row group: bounds the writer's memory (~6 MiB of embeddings).
