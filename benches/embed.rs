@@ -38,10 +38,14 @@ fn layer_table(backend: Backend, pixels: &[u8], passes: usize) {
         .map(|i| ms(&|l| Some(l.time), i).unwrap_or(0.0))
         .collect();
     let total: f64 = medians.iter().sum();
-    println!(
-        "{backend:?} forward pass ({} kernels), median of {passes}, one thread (ms):",
-        verger::embed::kernels::instruction_set()
-    );
+    let path = match backend.fused() {
+        true => format!(
+            "verger's kernels, {}",
+            verger::embed::kernels::instruction_set()
+        ),
+        false => "Burn's own operations".to_string(),
+    };
+    println!("{backend:?} forward pass ({path}), median of {passes}, one thread (ms):");
     println!("| layer | ms | share | expand | depthwise | project |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, (l, t)) in first.iter().zip(&medians).enumerate() {

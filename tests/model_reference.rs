@@ -105,3 +105,36 @@ fn imagenet_top1_matches_pytorch_with_the_classifier_kept() {
         want.len()
     );
 }
+
+/// A checkpoint that does not fit the architecture is refused, naming the first tensor that does
+/// not fit (or is missing), instead of running with random weights.
+#[test]
+fn checkpoint_of_another_shape_is_refused_naming_the_tensor() {
+    use verger::embed::efficientnet::EfficientNetConfig;
+    use verger::embed::import::{load_checkpoint, WeightsError};
+    let device = burn::tensor::Device::flex();
+    let mut wider_head = EfficientNetConfig::lite0();
+    wider_head.head_channels = 1536;
+    match load_checkpoint(wider_head.init(&device), &weights()) {
+        Err(WeightsError::Mismatch { name, reason }) => {
+            assert!(name.starts_with("head."), "{name}: {reason}");
+            assert!(
+                reason.contains("1280") && reason.contains("1536"),
+                "{reason}"
+            );
+        }
+        other => panic!("wider head loaded: {other:?}"),
+    }
+    let mut deeper = EfficientNetConfig::lite0();
+    deeper.stages.last_mut().unwrap().repeats = 2;
+    match load_checkpoint(deeper.init(&device), &weights()) {
+        Err(WeightsError::Missing(name)) => assert!(name.starts_with("blocks.16."), "{name}"),
+        other => panic!("a block without weights loaded: {other:?}"),
+    }
+    let err = load_checkpoint(
+        EfficientNetConfig::lite0().init(&device),
+        &shared_dir().join("reference/paths.txt"),
+    )
+    .unwrap_err();
+    assert!(matches!(err, WeightsError::Unreadable { .. }), "{err}");
+}

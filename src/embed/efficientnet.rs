@@ -443,3 +443,83 @@ impl EfficientNet {
         lines
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::RunningState;
+    use burn::tensor::{Distribution, TensorData};
+
+    fn uniform<const D: usize>(shape: [usize; D], lo: f64, hi: f64) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Uniform(lo, hi), &Device::flex())
+    }
+
+    /// Folding gives the same function as convolution then BatchNorm (inference statistics),
+    /// for a dense, a depthwise and a strided layer.
+    #[test]
+    fn folded_layer_computes_conv_then_batch_norm() {
+        for (c_in, c_out, kernel, stride, groups, relu6) in [
+            (5, 7, 3, 1, 1, false),
+            (6, 6, 5, 2, 6, true),
+            (4, 3, 1, 1, 1, true),
+        ] {
+            let mut layer = ConvNorm::init(
+                [c_in, c_out],
+                kernel,
+                stride,
+                groups,
+                relu6,
+                1e-3,
+                &Device::flex(),
+            );
+            let norm = layer.norm.as_mut().unwrap();
+            norm.gamma = Param::from_tensor(uniform([c_out], 0.5, 2.0));
+            norm.beta = Param::from_tensor(uniform([c_out], -1.0, 1.0));
+            norm.running_mean = RunningState::new(uniform([c_out], -0.5, 0.5));
+            norm.running_var = RunningState::new(uniform([c_out], 0.1, 3.0));
+            let x = uniform([2, c_in, 9, 8], -2.0, 2.0);
+            let want = layer.forward(x.clone()).into_data();
+            let folded = layer.fold();
+            assert!(folded.norm.is_none() && folded.conv.bias.is_some());
+            let got = folded.forward(x).into_data();
+            assert_eq!(got.shape(), want.shape());
+            let (got, want) = (
+                got.try_to_vec::<f32>().unwrap(),
+                want.try_to_vec::<f32>().unwrap(),
+            );
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    /// The fused path and Burn's own operations agree on one block with a shortcut, fed an
+    /// ordinary (not channels-last) NCHW tensor, and the fused output keeps the NCHW shape.
+    #[test]
+    fn fused_block_matches_burn_operations_on_an_nchw_input() {
+        let config = EfficientNetConfig::lite0();
+        let device = Device::flex();
+        let mut block = config.init(&device).blocks.remove(2); // 24 -> 144 -> 24, shortcut
+        for layer in [&mut block.depthwise, &mut block.project] {
+            layer.norm.as_mut().unwrap().running_var =
+                RunningState::new(uniform([layer.conv.weight.dims()[0]], 0.5, 1.5));
+        }
+        let mut block = block.fold();
+        assert!(block.residual);
+        let values: Vec<f32> = (0..2 * 24 * 11 * 13)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(values, [2, 24, 11, 13]), &device);
+        let plain = block.forward(x.clone()).into_data();
+        block.kernel = Some(Arc::new(block.packed()));
+        let fused = block.forward(x).into_data();
+        assert_eq!(fused.shape(), plain.shape());
+        let (fused, plain) = (
+            fused.try_to_vec::<f32>().unwrap(),
+            plain.try_to_vec::<f32>().unwrap(),
+        );
+        for (a, b) in fused.iter().zip(&plain) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}
