@@ -110,9 +110,7 @@ impl EfficientNetConfig {
                 });
             }
         }
-        let last = blocks
-            .last()
-            .map_or(self.stem_channels, |b| b.project.conv.weight.dims()[0]);
+        let last = self.stages.last().map_or(self.stem_channels, |s| s.output);
         EfficientNet {
             stem: ConvNorm::init([3, self.stem_channels], 3, 2, 1, true, eps, device),
             blocks,
