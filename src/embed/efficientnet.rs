@@ -452,6 +452,15 @@ mod tests {
         Tensor::random(shape, Distribution::Uniform(lo, hi), &Device::flex())
     }
 
+    /// `got` has `want`'s shape and every value within 1e-4 (relative above 1).
+    fn assert_close(got: TensorData, want: TensorData) {
+        assert_eq!(got.shape(), want.shape());
+        let got = got.try_to_vec::<f32>().unwrap();
+        for (a, b) in got.iter().zip(&want.try_to_vec::<f32>().unwrap()) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
     /// Folding gives the same function as convolution then BatchNorm (inference statistics),
     /// for a dense, a depthwise and a strided layer.
     #[test]
@@ -479,15 +488,7 @@ mod tests {
             let want = layer.forward(x.clone()).into_data();
             let folded = layer.fold();
             assert!(folded.norm.is_none() && folded.conv.bias.is_some());
-            let got = folded.forward(x).into_data();
-            assert_eq!(got.shape(), want.shape());
-            let (got, want) = (
-                got.try_to_vec::<f32>().unwrap(),
-                want.try_to_vec::<f32>().unwrap(),
-            );
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
-            }
+            assert_close(folded.forward(x).into_data(), want);
         }
     }
 
@@ -510,14 +511,6 @@ mod tests {
         let x = Tensor::<4>::from_data(TensorData::new(values, [2, 24, 11, 13]), &device);
         let plain = block.forward(x.clone()).into_data();
         block.kernel = Some(Arc::new(block.packed()));
-        let fused = block.forward(x).into_data();
-        assert_eq!(fused.shape(), plain.shape());
-        let (fused, plain) = (
-            fused.try_to_vec::<f32>().unwrap(),
-            plain.try_to_vec::<f32>().unwrap(),
-        );
-        for (a, b) in fused.iter().zip(&plain) {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
-        }
+        assert_close(block.forward(x).into_data(), plain);
     }
 }
