@@ -197,11 +197,15 @@ impl ConvNorm {
         }
     }
 
-    /// Kernel-side padding of this convolution.
+    /// Kernel-side padding of this convolution: TensorFlow "SAME", or `(k - 1) / 2` on every
+    /// side. Any other padding has no kernel: packing such a layer is a bug, not a fallback.
     fn padding(&self) -> Padding {
+        let (_, _, k) = self.dims();
+        let p = (k - 1) / 2;
         match self.conv.padding {
             PaddingConfig2d::Same => Padding::Same,
-            _ => Padding::Symmetric,
+            PaddingConfig2d::Explicit(t, l, b, r) if [t, l, b, r] == [p; 4] => Padding::Symmetric,
+            ref other => panic!("the fused kernels have no {other:?} padding for a {k}x{k} kernel"),
         }
     }
 
@@ -406,10 +410,12 @@ impl EfficientNet {
     /// then fix the largest share.
     pub fn layer_times(&self, x: Tensor<4>) -> Vec<LayerTime> {
         let [_, _, h, w] = x.dims();
+        let (stem_out, _, k) = self.stem.dims();
+        let stride = self.stem.conv.stride[0];
         let started = Instant::now();
         let mut x = self.stem(x);
         let mut lines = vec![LayerTime {
-            layer: format!("stem {h}x{w} 3->{} k3/2", x.dims()[1]),
+            layer: format!("stem {h}x{w} 3->{stem_out} k{k}/{stride}"),
             time: started.elapsed(),
             kernels: None,
         }];
@@ -450,6 +456,27 @@ mod tests {
 
     fn uniform<const D: usize>(shape: [usize; D], lo: f64, hi: f64) -> Tensor<D> {
         Tensor::random(shape, Distribution::Uniform(lo, hi), &Device::flex())
+    }
+
+    /// A layer's padding maps onto the kernels' geometry only where they compute exactly it.
+    #[test]
+    fn padding_maps_to_the_kernels_or_refuses() {
+        let layer = |padding| {
+            let mut l = ConvNorm::init([4, 4], 3, 2, 4, true, 1e-3, &Device::flex());
+            l.conv.padding = padding;
+            l
+        };
+        assert_eq!(layer(PaddingConfig2d::Same).padding(), Padding::Same);
+        let symmetric = layer(PaddingConfig2d::Explicit(1, 1, 1, 1));
+        assert_eq!(symmetric.padding(), Padding::Symmetric);
+        for other in [
+            PaddingConfig2d::Valid,
+            PaddingConfig2d::Explicit(0, 1, 1, 1),
+        ] {
+            let l = layer(other);
+            let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.padding()));
+            assert!(refused.is_err(), "{:?} was mapped", l.conv.padding);
+        }
     }
 
     /// `got` has `want`'s shape and every value within 1e-4 (relative above 1).
