@@ -10,8 +10,10 @@
 //! address, and ends the process at once with exit code 2: its uncommitted epochs stay
 //! uncommitted and are redone, exactly once, when every process is restarted.
 
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::sync::{Once, OnceLock};
+use std::sync::{Condvar, Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Where this process stands in a multi-process run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +33,16 @@ pub enum ClusterError {
         /// The file.
         path: String,
         /// The OS error.
+        reason: String,
+    },
+    /// A line of the hostfile is not `host:port`.
+    #[error("hostfile {path}, line {line}: {reason}")]
+    BadLine {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
         reason: String,
     },
     /// The hostfile has fewer usable lines than processes.
@@ -74,7 +86,12 @@ impl Cluster {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-                let hosts = parse_hostfile(&text);
+                let hosts =
+                    parse_hostfile(&text).map_err(|(line, reason)| ClusterError::BadLine {
+                        path: path.display().to_string(),
+                        line,
+                        reason,
+                    })?;
                 if hosts.len() < processes {
                     return Err(ClusterError::TooFewHosts {
                         path: path.display().to_string(),
@@ -97,13 +114,130 @@ impl Cluster {
     }
 }
 
-/// The `host:port` lines of a hostfile, blank lines and `#` comments left out.
-pub fn parse_hostfile(text: &str) -> Vec<String> {
-    text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
+/// The `host:port` lines of a hostfile, blank lines and `#` comments left out. A line that
+/// is not `host:port` (a port of 1 to 65535; an IPv6 host in brackets) is an error with its
+/// 1-based line number.
+pub fn parse_hostfile(text: &str) -> Result<Vec<String>, (usize, String)> {
+    let mut hosts = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let entry = line.split('#').next().unwrap_or("").trim();
+        if entry.is_empty() {
+            continue;
+        }
+        check_address(entry).map_err(|reason| (number + 1, reason))?;
+        hosts.push(entry.to_string());
+    }
+    Ok(hosts)
+}
+
+/// Whether `entry` is `host:port`.
+fn check_address(entry: &str) -> Result<(), String> {
+    let Some((host, port)) = entry.rsplit_once(':') else {
+        return Err(format!("`{entry}` is not host:port"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("`{entry}`: `{port}` is not a port (1-65535)")),
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    let plain = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !(bracketed || plain) {
+        return Err(format!("`{entry}`: `{host}` is not a host name or address"));
+    }
+    if entry.chars().any(char::is_whitespace) {
+        return Err(format!("`{entry}` holds a space"));
+    }
+    Ok(())
+}
+
+/// Default of `--connect-timeout`: how long the processes of a run wait for each other.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Exit code of a process whose peers did not all connect in time.
+pub const CONNECT_TIMEOUT_EXIT_CODE: i32 = 3;
+
+/// Ends the process if its cluster is not connected within a timeout. Timely connects the
+/// processes before it runs any worker, retrying for ever: a peer that never starts (a typo in
+/// the hostfile, an instance that did not boot) would leave the others waiting silently.
+#[derive(Debug)]
+pub struct ConnectWatchdog {
+    connected: std::sync::Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl ConnectWatchdog {
+    /// Starts the countdown for `cluster`: unless [`disarm`](Self::disarm)ed within
+    /// `timeout`, the process prints which peers it is still waiting for and exits with
+    /// [`CONNECT_TIMEOUT_EXIT_CODE`].
+    pub fn arm(cluster: &Cluster, timeout: Duration) -> Self {
+        let connected = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
+        let watched = connected.clone();
+        let cluster = cluster.clone();
+        std::thread::Builder::new()
+            .name("verger-connect-watchdog".to_string())
+            .spawn(move || {
+                let deadline = Instant::now() + timeout;
+                let (lock, signal) = &*watched;
+                let mut done = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !*done {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        let message = missing_peers_message(&cluster, timeout);
+                        tracing::error!("{message}");
+                        eprintln!("verger: {message}");
+                        std::process::exit(CONNECT_TIMEOUT_EXIT_CODE);
+                    }
+                    done = signal
+                        .wait_timeout(done, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            })
+            .expect("start the connect watchdog");
+        Self { connected }
+    }
+
+    /// The cluster is connected: stop the countdown (idempotent).
+    pub fn disarm(&self) {
+        let (lock, signal) = &*self.connected;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        signal.notify_all();
+    }
+}
+
+/// Which peers this process is still waiting for. Timely has process `p` connect to every
+/// lower-numbered process and accept connections from every higher-numbered one: a lower peer
+/// whose address does not accept a TCP connection is not running; higher peers are named as
+/// the ones expected to connect here.
+fn missing_peers_message(cluster: &Cluster, timeout: Duration) -> String {
+    let me = cluster.process;
+    let mut missing = Vec::new();
+    for (peer, address) in cluster.addresses.iter().enumerate() {
+        if peer < me {
+            let reachable = address.to_socket_addrs().ok().is_some_and(|mut addrs| {
+                addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+            });
+            if !reachable {
+                missing.push(format!("process {peer} ({address}) is not reachable"));
+            }
+        } else if peer > me {
+            missing.push(format!(
+                "process {peer} ({address}) has not connected to this process ({})",
+                cluster.addresses[me]
+            ));
+        }
+    }
+    if missing.is_empty() {
+        missing.push("the handshake with the other processes did not finish".to_string());
+    }
+    format!(
+        "process {me}: the cluster did not connect within {} (--connect-timeout): {}; start \
+         every process with the same -n and hostfile",
+        humantime::format_duration(timeout),
+        missing.join("; ")
+    )
 }
 
 /// Exit code of a process whose peer was lost.
@@ -171,6 +305,25 @@ mod tests {
         assert!(
             err.to_string().contains("lists 3 addresses, but -n is 4"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_line_that_is_not_host_port_is_named() {
+        for bad in [
+            "10.0.0.7",
+            "host:0",
+            "host:99999",
+            ":2101",
+            "a b:2101",
+            "h:x",
+        ] {
+            let err = parse_hostfile(&format!("# c\nok:1\n{bad}\n")).unwrap_err();
+            assert_eq!(err.0, 3, "{bad}: {err:?}");
+        }
+        assert_eq!(
+            parse_hostfile("[::1]:2200\nip-10-0-0-7.ec2.internal:2101").unwrap(),
+            ["[::1]:2200", "ip-10-0-0-7.ec2.internal:2101"]
         );
     }
 

@@ -7,6 +7,10 @@
 //!   ▲                                                                             │
 //!   └───────────── the source releases a new epoch only while few are unfinished ─┘
 //! ```
+//!
+//! Before anything else, process 0 takes the output's lease ([`Lease`]), then removes what
+//! uncommitted epochs left; the first panic or failure of any stage goes to one [`Fatal`] slot,
+//! after which the stages drop their work and the run fails with that message.
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -20,15 +24,16 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::{CommunicationConfig, WorkerConfig};
 
 use crate::cluster::{self, Cluster};
-use crate::decode::decode_and_resize;
+use crate::decode::decode_and_resize_within;
 use crate::embed::Embedder;
 use crate::label::label_of;
 use crate::metrics::Metrics;
 use crate::novelty::Novelty;
-use crate::operators::{async_map, batch_ok, paced_map, Gate};
+use crate::operators::{async_map, batch_ok, paced_map, panic_message, Fatal, Gate};
 use crate::record::{
     Embedded, Epoch, Failure, Fetched, Labelled, Miss, Outcome, Published, Stage, WrittenFile,
 };
+use crate::sink::lease::{Lease, LeaseError, LeaseSettings};
 use crate::sink::manifest::{gather_epochs, Committed, CommittedEpoch};
 use crate::sink::{self, Naming, StagedFile};
 use crate::source::{self, CommitQueue, Driver, EpochPolicy, KeyFilter, Mode, SourceStats};
@@ -65,6 +70,31 @@ pub struct RunConfig {
     pub stop: Arc<AtomicBool>,
     /// Where the run counts what it does (served by [`crate::metrics::serve`] if wanted).
     pub metrics: Arc<Metrics>,
+    /// Size limits of one input object.
+    pub limits: InputLimits,
+    /// How long the output's lease lasts without renewal (S3).
+    pub lease: LeaseSettings,
+    /// How long process 0 and its peers wait for each other to connect.
+    pub connect_timeout: Duration,
+}
+
+/// How large one input object may be: what keeps a worker's memory bounded whatever the
+/// input holds. An object over either limit becomes an error record.
+#[derive(Clone, Copy, Debug)]
+pub struct InputLimits {
+    /// Objects larger than this are not read (stage `size`).
+    pub max_object_bytes: u64,
+    /// Pictures with more pixels than this are not decoded (stage `decode`).
+    pub max_pixels: u64,
+}
+
+impl Default for InputLimits {
+    fn default() -> Self {
+        Self {
+            max_object_bytes: crate::fetch::MAX_OBJECT_BYTES,
+            max_pixels: crate::decode::MAX_PIXELS,
+        }
+    }
 }
 
 impl RunConfig {
@@ -85,6 +115,9 @@ impl RunConfig {
             mode: Mode::Once,
             stop: Arc::default(),
             metrics: Arc::default(),
+            limits: InputLimits::default(),
+            lease: LeaseSettings::default(),
+            connect_timeout: cluster::CONNECT_TIMEOUT,
         }
     }
 }
@@ -98,6 +131,12 @@ pub enum RunError {
     /// Output could not be written or committed.
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
+    /// Another run holds the output.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The output is the input itself.
+    #[error("the output {0} is the input directory itself: give the output its own folder")]
+    OutputIsInput(String),
     /// Something failed that stops the run (message names it).
     #[error("{0}")]
     Fatal(String),
@@ -145,20 +184,30 @@ fn route(key: &str) -> u64 {
     h.finish()
 }
 
-/// Decode, resize and label one fetched object.
-fn decode_and_label(fetched: Fetched, side: u32) -> Result<Labelled, Miss> {
-    match decode_and_resize(&fetched.bytes, side) {
+/// Decode, resize and label one fetched object. A decoder that panics on hostile bytes
+/// gives the object an error record, like any other decode failure.
+fn decode_and_label(fetched: Fetched, side: u32, max_pixels: u64) -> Result<Labelled, Miss> {
+    let decoded = std::panic::catch_unwind(|| {
+        decode_and_resize_within(&fetched.bytes, side, max_pixels).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|payload| {
+        Err(format!(
+            "decoder panicked: {}",
+            panic_message(payload.as_ref())
+        ))
+    });
+    match decoded {
         Ok(pixels) => Ok(Labelled {
             label: label_of(&fetched.key).map(str::to_string),
             key: fetched.key,
             etag: fetched.etag,
             pixels,
         }),
-        Err(e) => Err(Miss::Failed(Failure {
+        Err(reason) => Err(Miss::Failed(Failure {
             key: fetched.key,
             etag: fetched.etag,
             stage: Stage::Decode,
-            reason: e.to_string(),
+            reason,
         })),
     }
 }
@@ -232,8 +281,22 @@ async fn commit(
     store: Arc<dyn ObjectStore>,
     epoch: Result<CommittedEpoch, String>,
     metrics: Arc<Metrics>,
+    fatal: Fatal,
+    lease_lost: Arc<AtomicBool>,
 ) -> Result<CommittedEpoch, String> {
     let epoch = epoch?;
+    let e = epoch.manifest.epoch;
+    if lease_lost.load(Ordering::Acquire) {
+        return Err(format!(
+            "epoch {e} not committed: this run lost the lease of {}",
+            store.location()
+        ));
+    }
+    if let Some(reason) = fatal.reason() {
+        return Err(format!(
+            "epoch {e} not committed: the run is failing ({reason})"
+        ));
+    }
     metrics
         .request(epoch.manifest.write(store.as_ref()))
         .await
@@ -249,10 +312,36 @@ fn unique_run_id() -> String {
     format!("{nanos:x}{:x}", std::process::id())
 }
 
+/// Where `output` lies inside `input`, as a key prefix of the input (`""`: they are the same
+/// place); `None` when it does not. Local directories are compared after resolving symbolic
+/// links, S3 locations by bucket and prefix.
+pub fn nested_prefix(input: &dyn ObjectStore, output: &dyn ObjectStore) -> Option<String> {
+    let rest = match (input.local_root(), output.local_root()) {
+        (Some(i), Some(o)) => {
+            let (i, o) = (i.canonicalize().ok()?, o.canonicalize().ok()?);
+            let rest = o.strip_prefix(&i).ok()?;
+            rest.to_str()?.replace(std::path::MAIN_SEPARATOR, "/")
+        }
+        (None, None) => {
+            let (i, o) = (input.location(), output.location());
+            let i = format!("{}/", i.trim_end_matches('/'));
+            let o = format!("{}/", o.trim_end_matches('/'));
+            o.strip_prefix(&i)?.trim_end_matches('/').to_string()
+        }
+        _ => return None,
+    };
+    Some(if rest.is_empty() {
+        rest
+    } else {
+        format!("{rest}/")
+    })
+}
+
 /// Featurizes every image of `config.input` not yet committed in `config.output`.
+///
+/// Process 0 first takes the output's lease ([`Lease`]): a second run on the same output
+/// fails at once naming the holder, before it deletes or writes anything.
 pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError> {
-    let started = Instant::now();
-    let workers = config.workers.max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -261,11 +350,58 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         .map_err(|e| RunError::Fatal(format!("cannot start the I/O runtime: {e}")))?;
     let input = runtime.block_on(storage::open(&config.input, false, &config.store))?;
     let output = runtime.block_on(storage::open(&config.output, true, &config.store))?;
+    let mut filter = config.filter.clone();
+    match nested_prefix(input.as_ref(), output.as_ref()) {
+        Some(p) if p.is_empty() => return Err(RunError::OutputIsInput(output.location())),
+        Some(p) => {
+            tracing::warn!(
+                "the output lies inside the input: keys under {p} are not taken as input"
+            );
+            filter = filter.excluding_prefix(p);
+        }
+        None => {}
+    }
+    let run_id = unique_run_id();
+    let leader = config.cluster.as_ref().is_none_or(|c| c.process == 0);
+    let lease = match leader {
+        true => Some(runtime.block_on(Lease::acquire(output.clone(), &run_id, config.lease))?),
+        false => None,
+    };
+    let result = run_holding_lease(
+        config,
+        embedder,
+        &runtime,
+        (input, output),
+        filter,
+        run_id,
+        lease.as_ref(),
+    );
+    if let Some(lease) = lease {
+        if let Err(e) = runtime.block_on(lease.release()) {
+            tracing::warn!("could not release the output's lease (it expires by itself): {e}");
+        }
+    }
+    result
+}
+
+/// The run proper, once the lease (if this process needs one) is held.
+fn run_holding_lease(
+    config: &RunConfig,
+    embedder: &Embedder,
+    runtime: &tokio::runtime::Runtime,
+    (input, output): (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>),
+    filter: KeyFilter,
+    run_id: String,
+    lease: Option<&Lease>,
+) -> Result<Summary, RunError> {
+    let started = Instant::now();
+    let workers = config.workers.max(1);
+    let lease_lost = lease.map_or_else(Arc::default, Lease::lost_flag);
+    let leader = lease.is_some();
 
     // Resume: what is committed stays; leftovers of uncommitted epochs go. In a cluster only
     // process 0 cleans up, before it connects: no peer writes anything until all are connected.
     let committed = runtime.block_on(Committed::load(output.as_ref()))?;
-    let leader = config.cluster.as_ref().is_none_or(|c| c.process == 0);
     let removed_leftovers = match leader {
         true => runtime.block_on(committed.remove_uncommitted(output.as_ref()))?,
         false => 0,
@@ -280,26 +416,29 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
     // Handed to worker 0, which seeds the incremental state with it.
     let committed = Arc::new(Mutex::new(Some(committed)));
 
-    let run_id = unique_run_id();
-    let staging: PathBuf = output
-        .staging_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join(&run_id);
+    let staging: PathBuf = output.staging_dir().join(&run_id);
     let staging_dir = staging.clone();
     let model = embedder.spec().name.clone();
-    let fatal: Arc<Mutex<Option<String>>> = Arc::default();
+    let fatal = Fatal::default();
     let clock: Arc<StageClock> = Arc::default();
     let clock_in = clock.clone();
     let handle = runtime.handle().clone();
-    let config = config.clone();
+    let mut config = config.clone();
+    config.filter = filter;
+    let limits = config.limits;
     let embedder = embedder.clone();
     let fatal_in = fatal.clone();
     let metrics = config.metrics.clone();
     let (input_shared, output_shared) = (input.clone(), output.clone());
+    let mut watchdog = None;
     let communication = match &config.cluster {
         None => CommunicationConfig::Process(workers),
         Some(c) => {
             cluster::watch_peers(&c.addresses);
+            watchdog = Some(Arc::new(cluster::ConnectWatchdog::arm(
+                c,
+                config.connect_timeout,
+            )));
             CommunicationConfig::Cluster {
                 threads: workers,
                 process: c.process,
@@ -309,12 +448,16 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
             }
         }
     };
+    let watchdog_in = watchdog.clone();
     let timely_config = timely::Config {
         communication,
         worker: WorkerConfig::default(),
     };
 
     let guards = timely::execute(timely_config, move |worker| {
+        if let Some(watchdog) = &watchdog_in {
+            watchdog.disarm(); // every process is connected: timely runs the workers
+        }
         let index = worker.index();
         let (rt, fatal) = (handle.clone(), fatal_in.clone());
         let (input_store, output_store) = (input_shared.clone(), output_shared.clone());
@@ -352,16 +495,18 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 rt.clone(),
                 config.fetch_concurrency,
                 Some(gate.clone()),
-                move |o| crate::fetch::fetch(store.clone(), o, m.clone()),
+                fatal.clone(),
+                move |o| crate::fetch::fetch(store.clone(), o, limits.max_object_bytes, m.clone()),
             );
             let labelled = paced_map(
                 fetched,
                 "DecodeLabel",
                 config.batch_size,
                 Some(gate),
+                fatal.clone(),
                 move |f| {
                     decode_clock.time(TimedStage::Decode, || {
-                        f.and_then(|f| decode_and_label(f, side))
+                        f.and_then(|f| decode_and_label(f, side, limits.max_pixels))
                     })
                 },
             );
@@ -370,6 +515,7 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 labelled,
                 "Embed",
                 config.batch_size,
+                fatal.clone(),
                 move |batch| {
                     embed_clock.time(TimedStage::Embed, || embed_batch(&embedder, batch, &m))
                 },
@@ -377,15 +523,36 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
             );
             let staged = sink::write_epochs(outcomes, naming, clock.clone(), metrics.clone());
             let (store, m) = (output_store.clone(), metrics.clone());
-            let written = async_map(staged, "Publish", rt.clone(), 4, None, move |s| {
-                publish(store.clone(), s, m.clone())
-            });
+            let written = async_map(
+                staged,
+                "Publish",
+                rt.clone(),
+                4,
+                None,
+                fatal.clone(),
+                move |s| publish(store.clone(), s, m.clone()),
+            );
             let epochs = gather_epochs(written.exchange(|_| 0), run_id.clone(), model.clone());
             let (store, m) = (output_store.clone(), metrics.clone());
             let committed_metrics = metrics.clone();
-            async_map(epochs, "Commit", rt.clone(), 1, None, move |e| {
-                commit(store.clone(), e, m.clone())
-            })
+            let (commit_fatal, lost) = (fatal.clone(), lease_lost.clone());
+            async_map(
+                epochs,
+                "Commit",
+                rt.clone(),
+                1,
+                None,
+                fatal.clone(),
+                move |e| {
+                    commit(
+                        store.clone(),
+                        e,
+                        m.clone(),
+                        commit_fatal.clone(),
+                        lost.clone(),
+                    )
+                },
+            )
             .inspect(
                 move |result: &Result<CommittedEpoch, String>| match result {
                     Ok(c) => {
@@ -396,10 +563,13 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                         s.epochs += 1;
                         committed_metrics.committed.inc_by(m.rows + m.errors);
                         committed_metrics.epochs_committed.inc();
-                        commits_in
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((m.epoch, c.rows.clone()));
+                        commits_in.lock().unwrap_or_else(|e| e.into_inner()).push(
+                            source::CommitReport {
+                                epoch: m.epoch,
+                                rows: c.rows.clone(),
+                                failed_reads: c.failed_reads.clone(),
+                            },
+                        );
                         tracing::info!(
                             epoch = m.epoch,
                             rows = m.rows,
@@ -408,11 +578,9 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                         );
                     }
                     Err(e) => {
-                        tracing::error!("{e}");
-                        fatal_seen
-                            .lock()
-                            .expect("fatal lock")
-                            .get_or_insert_with(|| e.clone());
+                        if fatal_seen.set(e.clone()) {
+                            tracing::error!("{e}");
+                        }
                     }
                 },
             )
@@ -441,8 +609,7 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 metrics.clone(),
             );
             let stop_flag = config.stop.clone();
-            let stop =
-                || fatal.lock().expect("fatal lock").is_some() || stop_flag.load(Ordering::Relaxed);
+            let stop = || fatal.is_set() || stop_flag.load(Ordering::Relaxed);
             if let Err(e) = driver.drive(
                 worker,
                 &rt,
@@ -451,10 +618,7 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
                 config.mode,
                 &stop,
             ) {
-                fatal
-                    .lock()
-                    .expect("fatal lock")
-                    .get_or_insert_with(|| format!("listing {}: {e}", config.input));
+                fatal.set(e.to_string());
             }
             if stop_flag.load(Ordering::Relaxed) {
                 tracing::warn!("stop requested: finishing the epochs in flight");
@@ -472,8 +636,11 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         summary.source = stats;
         summary.labels = labels;
         summary
-    })
-    .map_err(RunError::Fatal)?;
+    });
+    if let Some(watchdog) = &watchdog {
+        watchdog.disarm();
+    }
+    let guards = guards.map_err(RunError::Fatal)?;
 
     let mut summary = Summary {
         removed_leftovers,
@@ -492,10 +659,8 @@ pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError>
         }
     }
     let _ = std::fs::remove_dir_all(&staging_dir);
-    if let Some(parent) = output.staging_dir() {
-        let _ = std::fs::remove_dir(parent); // only if empty: another run may be staging
-    }
-    if let Some(reason) = fatal.lock().expect("fatal lock").take() {
+    let _ = std::fs::remove_dir(output.staging_dir()); // only if empty: a peer may be staging
+    if let Some(reason) = fatal.reason() {
         return Err(RunError::Fatal(reason));
     }
     summary.seconds = started.elapsed().as_secs_f64();

@@ -14,6 +14,15 @@ use std::io::Cursor;
 /// Largest width or height accepted: a guard against decompression bombs.
 pub const MAX_SIDE: u32 = 16_384;
 
+/// Default pixel budget of one decoded picture (width x height): 64 megapixels. Checked
+/// from the header, before anything is allocated, so a decompression bomb (a PNG of a few
+/// KB claiming 30000x30000, a JPEG header claiming 65500x65500) is refused at once. The
+/// decoder's own allocations are capped at 4 bytes per pixel of the budget (256 MiB: an
+/// 8-bit RGBA picture at the full budget; 16-bit pictures count double), so one worker's
+/// decode holds at most about 7 bytes per budget pixel (the decoded picture and its RGB8
+/// copy): 450 MiB at the default.
+pub const MAX_PIXELS: u64 = 64_000_000;
+
 /// Why an object could not be turned into pixels.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -42,6 +51,21 @@ pub enum DecodeError {
         /// Original height.
         height: u32,
     },
+    /// The header claims more pixels than the budget (a decompression bomb, or simply too
+    /// large a picture): refused before decoding.
+    #[error(
+        "{width}x{height} is {} megapixels, over the limit of {} (--max-megapixels)",
+        (*width as u64 * *height as u64).div_ceil(1_000_000),
+        limit / 1_000_000
+    )]
+    TooManyPixels {
+        /// Width claimed by the header.
+        width: u32,
+        /// Height claimed by the header.
+        height: u32,
+        /// The budget, in pixels.
+        limit: u64,
+    },
 }
 
 /// An image ready for the network: `side x side` RGB8, row-major, plus its original size.
@@ -55,29 +79,52 @@ pub struct Pixels {
     pub rgb: Vec<u8>,
 }
 
-/// Decodes `bytes`, converts to RGB8 and resizes to `side x side` (PIL-compatible bilinear).
+/// Decodes `bytes`, converts to RGB8 and resizes to `side x side` (PIL-compatible bilinear),
+/// within the default pixel budget [`MAX_PIXELS`].
 pub fn decode_and_resize(bytes: &[u8], side: u32) -> Result<Pixels, DecodeError> {
+    decode_and_resize_within(bytes, side, MAX_PIXELS)
+}
+
+/// [`decode_and_resize`] with a pixel budget of `max_pixels`, checked from the header before
+/// decoding (see [`MAX_PIXELS`]).
+pub fn decode_and_resize_within(
+    bytes: &[u8],
+    side: u32,
+    max_pixels: u64,
+) -> Result<Pixels, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .expect("reading from memory cannot fail");
-    let format = reader
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .expect("reading from memory cannot fail")
+    };
+    let format = reader()
         .format()
         .ok_or_else(|| DecodeError::UnknownFormat(magic_hint(bytes)))?;
     if format == ImageFormat::Jpeg && !has_jpeg_end_marker(bytes) {
         return Err(DecodeError::TruncatedJpeg);
     }
-    let mut reader = reader;
+    let corrupt = |e: image::ImageError| DecodeError::Corrupt {
+        format,
+        reason: e.to_string(),
+    };
+    let (width, height) = reader().into_dimensions().map_err(corrupt)?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(DecodeError::TooManyPixels {
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    let mut reader = reader();
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(max_pixels.saturating_mul(4).max(16 << 20));
     reader.limits(limits);
-    let image = reader.decode().map_err(|e| DecodeError::Corrupt {
-        format,
-        reason: e.to_string(),
-    })?;
+    let image = reader.decode().map_err(corrupt)?;
     let (width, height) = (image.width(), image.height());
     if width == 0 || height == 0 {
         return Err(DecodeError::Dimensions { width, height });
@@ -180,6 +227,94 @@ mod tests {
         assert!(matches!(
             decode_and_resize(&[], 224),
             Err(DecodeError::Empty)
+        ));
+    }
+
+    /// A PNG of a few dozen bytes whose header claims `width x height` RGB pixels: what a
+    /// decompression bomb looks like before its (here absent) pixel data.
+    pub(crate) fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
+        fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+            out.extend((data.len() as u32).to_be_bytes());
+            let start = out.len();
+            out.extend(kind);
+            out.extend(data);
+            let crc = crc32(&out[start..]);
+            out.extend(crc.to_be_bytes());
+        }
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+                }
+            }
+            !crc
+        }
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend(width.to_be_bytes());
+        ihdr.extend(height.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter, no interlace
+        chunk(&mut png, b"IHDR", &ihdr);
+        chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x03, 0x00]);
+        chunk(&mut png, b"IEND", &[]);
+        png
+    }
+
+    /// A real 8x8 JPEG whose frame header is rewritten to claim `width x height`.
+    pub(crate) fn jpeg_header_claiming(width: u16, height: u16) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        let img = image::RgbImage::from_pixel(8, 8, image::Rgb([200, 30, 30]));
+        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        let sof = jpeg
+            .windows(2)
+            .position(|w| w[0] == 0xFF && matches!(w[1], 0xC0..=0xC2))
+            .expect("a frame header");
+        jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+        jpeg[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+        jpeg
+    }
+
+    #[test]
+    fn decompression_bombs_are_refused_from_the_header() {
+        for (bytes, w, h) in [
+            (png_header_claiming(30_000, 30_000), 30_000, 30_000),
+            // Under the old 16384-pixel side limit, still 256 megapixels.
+            (png_header_claiming(16_000, 16_000), 16_000, 16_000),
+            (jpeg_header_claiming(65_500, 65_500), 65_500, 65_500),
+        ] {
+            assert!(bytes.len() < 2_000, "a bomb of {} bytes", bytes.len());
+            let err = decode_and_resize(&bytes, 224).unwrap_err();
+            match err {
+                DecodeError::TooManyPixels { width, height, .. } => {
+                    assert_eq!((width, height), (w, h))
+                }
+                other => panic!("{w}x{h}: {other}"),
+            }
+            assert!(
+                err_text(&bytes).contains("megapixels, over the limit of 64"),
+                "{}",
+                err_text(&bytes)
+            );
+        }
+    }
+
+    fn err_text(bytes: &[u8]) -> String {
+        decode_and_resize(bytes, 224).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_pixel_budget_is_a_parameter() {
+        let mut png = Vec::new();
+        image::RgbImage::from_pixel(300, 200, image::Rgb([1, 2, 3]))
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        assert!(decode_and_resize_within(&png, 224, 60_000).is_ok());
+        assert!(matches!(
+            decode_and_resize_within(&png, 224, 59_999),
+            Err(DecodeError::TooManyPixels { limit: 59_999, .. })
         ));
     }
 

@@ -12,12 +12,29 @@ use crate::metrics::Metrics;
 use crate::record::{Failure, Fetched, Miss, Stage};
 use crate::storage::{ObjectMeta, ObjectStore, StorageError};
 
-/// Reads `object`, as listed, from `store`.
+/// Default of `--max-object-bytes`: larger objects are error records, never read.
+pub const MAX_OBJECT_BYTES: u64 = 64 << 20;
+
+/// Reads `object`, as listed, from `store`, unless it is larger than `max_bytes`: then it is
+/// an error record (stage `size`) without a single byte read, so that one huge object cannot
+/// take the worker's memory.
 pub async fn fetch(
     store: Arc<dyn ObjectStore>,
     object: ObjectMeta,
+    max_bytes: u64,
     metrics: Arc<Metrics>,
 ) -> Result<Fetched, Miss> {
+    if object.size > max_bytes {
+        return Err(Miss::Failed(Failure {
+            reason: format!(
+                "{} bytes, over the limit of {max_bytes} (--max-object-bytes): not read",
+                object.size
+            ),
+            key: object.key,
+            etag: object.etag,
+            stage: Stage::Size,
+        }));
+    }
     let result = metrics
         .request(store.get_version(&object.key, &object.etag))
         .await;

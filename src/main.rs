@@ -10,9 +10,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use verger::cluster::Cluster;
-use verger::dataflow::{self, RunConfig, Summary};
+use verger::dataflow::{self, InputLimits, RunConfig, Summary};
 use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
 use verger::metrics::Metrics;
+use verger::sink::lease::LeaseSettings;
 use verger::source::{EpochPolicy, KeyFilter, Mode};
 use verger::storage::StoreOptions;
 
@@ -101,6 +102,21 @@ struct EngineArgs {
     /// Concurrent object reads (GETs) per worker.
     #[arg(long, default_value_t = 16)]
     fetch_concurrency: usize,
+    /// Objects larger than this many bytes are error records (stage `size`), never read. With
+    /// --epoch-bytes it bounds the compressed bytes in memory: at most
+    /// max-epochs-in-flight x (epoch-bytes + max-object-bytes).
+    #[arg(long, default_value_t = verger::fetch::MAX_OBJECT_BYTES)]
+    max_object_bytes: u64,
+    /// Pictures of more megapixels than this (width x height, read from the header before
+    /// decoding) are error records: decompression bombs cost nothing. One worker's decode
+    /// holds at most about 7 bytes per pixel of this budget.
+    #[arg(long, default_value_t = verger::decode::MAX_PIXELS / 1_000_000)]
+    max_megapixels: u64,
+    /// Time to live of the output's lease on S3, renewed every third of it: a run killed
+    /// without releasing it blocks the output on another host for at most this long (a
+    /// restart on the same host takes it over at once).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
     /// Also write the run summary (counts, images/s, time per stage, peak RSS) to this JSON file.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -127,6 +143,10 @@ struct StoreArgs {
     /// Adaptive retry mode: also rate-limit requests on the client when throttled.
     #[arg(long)]
     s3_adaptive_retry: bool,
+    /// Once the SDK's attempts are spent, try an operation this many more times with pauses of
+    /// 1, 2, 4, 8, 16 and 30 s (jittered): the default rides out an outage of about a minute.
+    #[arg(long, default_value_t = StoreOptions::default().outage_retries as u64, value_parser = clap::value_parser!(u64).range(0..=6))]
+    s3_outage_retries: u64,
     /// Output files of at least this many MiB are uploaded with multipart upload (0: all).
     #[arg(long, default_value_t = StoreOptions::default().multipart_threshold >> 20)]
     multipart_threshold_mib: usize,
@@ -142,6 +162,7 @@ impl StoreArgs {
             path_style: self.path_style,
             max_attempts: self.s3_max_attempts.max(1),
             adaptive_retry: self.s3_adaptive_retry,
+            outage_retries: self.s3_outage_retries as usize,
             multipart_threshold: self.multipart_threshold_mib << 20,
             part_size: self.part_size_mib.max(5) << 20,
         }
@@ -160,6 +181,10 @@ struct ClusterArgs {
     /// Hostfile: one `host:port` per process, in process order [default: localhost:2101, ...].
     #[arg(short = 'h', long)]
     hostfile: Option<PathBuf>,
+    /// How long the processes wait for each other to connect before giving up, naming the
+    /// processes still missing (exit code 3).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -205,11 +230,22 @@ struct RunArgs {
 }
 
 /// How a run is operated: once or as a service, with metrics and a progress bar or not.
-#[derive(Default)]
 struct Service {
     mode: Mode,
     metrics_addr: Option<SocketAddr>,
     progress: bool,
+    connect_timeout: Duration,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Once,
+            metrics_addr: None,
+            progress: false,
+            connect_timeout: verger::cluster::CONNECT_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -316,6 +352,14 @@ fn run_job(
         mode: service.mode,
         stop,
         metrics: metrics.clone(),
+        limits: InputLimits {
+            max_object_bytes: engine.max_object_bytes,
+            max_pixels: engine.max_megapixels.saturating_mul(1_000_000),
+        },
+        lease: LeaseSettings {
+            ttl: engine.lease_ttl,
+        },
+        connect_timeout: service.connect_timeout,
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));
@@ -419,18 +463,20 @@ fn inspect(output: &str, store: &StoreArgs) -> Result<()> {
     let store = runtime.block_on(verger::storage::open(output, false, &store.options()))?;
     let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
     let latest: Vec<_> = table.latest_rows().into_iter().cloned().collect();
+    let errors = table.current_errors();
     println!(
-        "{output}: {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records",
+        "{output}: {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records ({} superseded by a successful retry)",
         table.epochs,
         table.rows.len(),
         latest.len(),
         table.rows.len() - latest.len(),
-        table.errors.len()
+        errors.len(),
+        table.errors.len() - errors.len()
     );
     for (label, n) in verger::evaluate::label_counts(&latest) {
         println!("  {n:>7}  {label}");
     }
-    for e in table.errors.iter().take(20) {
+    for e in errors.iter().take(20) {
         println!("  error  {} [{}] {}", e.key, e.stage.as_str(), e.reason);
     }
     let train: Vec<_> = latest
@@ -500,6 +546,7 @@ fn main() -> Result<()> {
                 },
                 metrics_addr: args.metrics_addr,
                 progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                connect_timeout: c.connect_timeout,
             };
             run_job(
                 &args.input,

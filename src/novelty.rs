@@ -164,6 +164,21 @@ impl Novelty {
 
     /// Marks versions as handled (committed by an earlier run) without releasing them.
     pub fn add_handled(&mut self, versions: impl IntoIterator<Item = (String, String)>) {
+        self.update_handled(versions, 1);
+    }
+
+    /// Makes released versions new again (their read failed): the next listing that sees
+    /// them releases them once more.
+    pub fn forget_handled(&mut self, versions: impl IntoIterator<Item = (String, String)>) {
+        self.update_handled(versions, -1);
+    }
+
+    /// Adds `diff` to the handled count of each distinct version.
+    fn update_handled(
+        &mut self,
+        versions: impl IntoIterator<Item = (String, String)>,
+        diff: isize,
+    ) {
         let mut fingerprints: Vec<Fingerprint> = versions
             .into_iter()
             .map(|(key, etag)| fingerprint(&[&key, &etag]))
@@ -171,7 +186,7 @@ impl Novelty {
         fingerprints.sort_unstable();
         fingerprints.dedup();
         for f in fingerprints {
-            self.handled.update(f, 1);
+            self.handled.update(f, diff);
         }
     }
 

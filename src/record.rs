@@ -8,8 +8,10 @@ pub type Epoch = u64;
 /// The stage at which an object failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
-    /// Reading the object from the store.
+    /// Reading the object from the store (retried by the next run, or poll in watch mode).
     Fetch,
+    /// Not read at all: larger than `--max-object-bytes` (not retried until it changes).
+    Size,
     /// Decoding or resizing the picture.
     Decode,
     /// Running the network.
@@ -17,10 +19,18 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stage named `name` in the errors table.
+    pub fn from_name(name: &str) -> Option<Stage> {
+        [Stage::Fetch, Stage::Size, Stage::Decode, Stage::Embed]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+
     /// Lower-case name, as written in the errors table.
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Fetch => "fetch",
+            Stage::Size => "size",
             Stage::Decode => "decode",
             Stage::Embed => "embed",
         }
@@ -151,11 +161,12 @@ pub struct WrittenFile {
     pub bytes: u64,
 }
 
-/// A file published to the output store, with the rows of a data file.
+/// A file published to the output store, with the rows of a data file (or the failed reads
+/// of an errors file).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     /// The file, as its manifest lists it.
     pub file: WrittenFile,
-    /// The rows of a data file (empty for an errors file).
+    /// The rows of a data file; for an errors file, the versions whose read failed.
     pub rows: Vec<RowId>,
 }

@@ -62,6 +62,8 @@ impl Default for EpochPolicy {
 pub struct KeyFilter {
     include: Option<GlobSet>,
     exclude: Option<GlobSet>,
+    /// Keys under this prefix are never input (the output, when it lies inside the input).
+    excluded_prefix: Option<String>,
 }
 
 impl KeyFilter {
@@ -80,12 +82,23 @@ impl KeyFilter {
         Ok(Self {
             include: set(include)?,
             exclude: set(exclude)?,
+            excluded_prefix: None,
         })
+    }
+
+    /// The same filter, also leaving out every key under `prefix` (which ends in `/`).
+    pub fn excluding_prefix(mut self, prefix: String) -> Self {
+        self.excluded_prefix = Some(prefix);
+        self
     }
 
     /// Whether `key` is to be processed.
     pub fn accepts(&self, key: &str) -> bool {
-        self.include.as_ref().is_none_or(|g| g.is_match(key))
+        !self
+            .excluded_prefix
+            .as_ref()
+            .is_some_and(|p| key.starts_with(p.as_str()))
+            && self.include.as_ref().is_none_or(|g| g.is_match(key))
             && !self.exclude.as_ref().is_some_and(|g| g.is_match(key))
     }
 }
@@ -105,32 +118,112 @@ pub struct SourceStats {
     pub epochs: u64,
 }
 
+/// Why a listing did not reach its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ListingError {
+    /// The store refused a page.
+    #[error("listing {location}, page {page}{}: {source}", after_key(.after))]
+    Page {
+        /// The input.
+        location: String,
+        /// Which page (1 for the first).
+        page: u64,
+        /// The last key of the page before (`None` on the first page).
+        after: Option<String>,
+        /// The store's error.
+        #[source]
+        source: StorageError,
+    },
+    /// The listing task panicked: the listing is incomplete.
+    #[error(
+        "listing {location}, page {page}{}: the listing task panicked: {message}",
+        after_key(.after)
+    )]
+    Panicked {
+        /// The input.
+        location: String,
+        /// The page being listed.
+        page: u64,
+        /// The last key listed before it.
+        after: Option<String>,
+        /// The panic's message.
+        message: String,
+    },
+}
+
+fn after_key(after: &Option<String>) -> String {
+    after
+        .as_ref()
+        .map_or_else(String::new, |k| format!(" (after {k})"))
+}
+
+/// Pages of a listing as they arrive; the channel closes after the last page or an error.
+pub type Pages = tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, ListingError>>;
+
 /// Starts listing `prefix` of `store` on `runtime`; pages arrive on the returned channel.
+/// A listing ends with its last page or with an error naming the page that failed; a panic
+/// of the listing task is such an error too, never a silently shorter listing.
 pub fn start_listing(
     runtime: &tokio::runtime::Handle,
     store: Arc<dyn ObjectStore>,
     prefix: String,
     page_size: usize,
-) -> tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, StorageError>> {
+) -> Pages {
     // A few pages of look-ahead: listing stays ahead of processing without running away.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    runtime.spawn(async move {
+    let location = store.location();
+    // Where the listing is (page, last key listed), for the message of a panic.
+    let progress: Arc<std::sync::Mutex<(u64, Option<String>)>> = Arc::default();
+    let at = progress.clone();
+    let pages = tx.clone();
+    let task = runtime.spawn(async move {
         let mut token = None;
-        loop {
+        for page in 1.. {
+            let after = {
+                let mut at = at.lock().unwrap_or_else(|e| e.into_inner());
+                at.0 = page;
+                at.1.clone()
+            };
             match store.list_page(&prefix, token, page_size).await {
-                Ok(page) => {
-                    if tx.send(Ok(page.objects)).await.is_err() {
+                Ok(listed) => {
+                    if let Some(last) = listed.objects.last() {
+                        at.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(last.key.clone());
+                    }
+                    if pages.send(Ok(listed.objects)).await.is_err() {
                         return; // the source stopped listening
                     }
-                    match page.next {
+                    match listed.next {
                         Some(next) => token = Some(next),
                         None => return,
                     }
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                Err(source) => {
+                    let _ = pages
+                        .send(Err(ListingError::Page {
+                            location: store.location(),
+                            page,
+                            after,
+                            source,
+                        }))
+                        .await;
                     return;
                 }
+            }
+        }
+    });
+    runtime.spawn(async move {
+        if let Err(e) = task.await {
+            if let Ok(payload) = e.try_into_panic() {
+                let (page, after) = progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let message = crate::operators::panic_message(payload.as_ref());
+                let _ = tx
+                    .send(Err(ListingError::Panicked {
+                        location,
+                        page,
+                        after,
+                        message,
+                    }))
+                    .await;
             }
         }
     });
@@ -150,8 +243,23 @@ pub enum Mode {
     },
 }
 
-/// Committed epochs reported by the commit stage to the driver: epoch and its rows.
-pub type CommitQueue = Arc<std::sync::Mutex<Vec<(Epoch, Vec<RowId>)>>>;
+/// What the commit stage tells the source about one committed epoch.
+#[derive(Clone, Debug)]
+pub struct CommitReport {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Its embedding rows (for the per-label counts).
+    pub rows: Vec<RowId>,
+    /// Its failed reads (for watch mode to list again).
+    pub failed_reads: Vec<RowId>,
+}
+
+/// Committed epochs reported by the commit stage to the driver, oldest first.
+pub type CommitQueue = Arc<std::sync::Mutex<Vec<CommitReport>>>;
+
+/// How many times watch mode reads one object version again after a failed read, at the
+/// following polls (a restart tries again in any case).
+pub const FETCH_RETRIES: u32 = 3;
 
 /// The source on worker 0: lists, keeps only new versions ([`Novelty`]), releases them epoch
 /// by epoch with backpressure, and keeps the run-wide gauges up to date.
@@ -172,6 +280,10 @@ pub struct Driver {
     unfinished: VecDeque<(Epoch, Instant)>,
     /// (time, committed objects) over the last seconds, for images/s.
     rate: VecDeque<(Instant, u64)>,
+    /// Whether failed reads are listed again at the next poll (watch mode).
+    retry_failed_reads: bool,
+    /// Reads retried so far, per version.
+    retries: std::collections::HashMap<(String, String), u32>,
 }
 
 impl Driver {
@@ -200,6 +312,8 @@ impl Driver {
             opened: None,
             unfinished: VecDeque::new(),
             rate: VecDeque::new(),
+            retry_failed_reads: false,
+            retries: Default::default(),
         }
     }
 
@@ -215,7 +329,8 @@ impl Driver {
         prefix: &str,
         mode: Mode,
         stop: &dyn Fn() -> bool,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), ListingError> {
+        self.retry_failed_reads = matches!(mode, Mode::Watch { .. });
         loop {
             let round = Instant::now();
             let pages = start_listing(
@@ -229,10 +344,7 @@ impl Driver {
                 (Ok(()), _) => {}
                 (Err(e), Mode::Once) => return Err(e),
                 (Err(e), Mode::Watch { .. }) => {
-                    tracing::warn!(
-                        "listing {}: {e}; trying again at the next poll",
-                        store.location()
-                    );
+                    tracing::warn!("{e}; trying again at the next poll");
                 }
             }
             self.close_epoch(worker);
@@ -260,9 +372,9 @@ impl Driver {
     fn list_round(
         &mut self,
         worker: &mut Worker,
-        mut pages: tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, StorageError>>,
+        mut pages: Pages,
         stop: &dyn Fn() -> bool,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), ListingError> {
         loop {
             if stop() {
                 return Ok(()); // dropping `pages` ends the listing task
@@ -334,10 +446,13 @@ impl Driver {
 
     /// Feeds committed rows to the per-label counts and refreshes the run-wide gauges.
     pub fn housekeeping(&mut self, worker: &mut Worker) {
-        let committed: Vec<(Epoch, Vec<RowId>)> =
+        let committed: Vec<CommitReport> =
             std::mem::take(&mut *self.commits.lock().unwrap_or_else(|e| e.into_inner()));
-        for (epoch, rows) in committed {
-            self.novelty.add_rows(epoch, rows);
+        for report in committed {
+            self.novelty.add_rows(report.epoch, report.rows);
+            if self.retry_failed_reads {
+                self.forget_failed_reads(report.failed_reads);
+            }
         }
         if self.novelty.has_pending_rows() {
             self.novelty.settle(worker);
@@ -377,6 +492,32 @@ impl Driver {
         }
     }
 
+    /// Makes versions whose read failed new again, so that the next poll releases them, at
+    /// most [`FETCH_RETRIES`] times each.
+    fn forget_failed_reads(&mut self, failed: Vec<RowId>) {
+        let mut again = Vec::new();
+        for row in failed {
+            let version = (row.key, row.etag);
+            let tries = self.retries.entry(version.clone()).or_insert(0);
+            if *tries < FETCH_RETRIES {
+                *tries += 1;
+                tracing::info!(
+                    key = version.0,
+                    attempt = *tries,
+                    "read failed: listed again at the next poll"
+                );
+                again.push(version);
+            } else {
+                tracing::warn!(
+                    key = version.0,
+                    "read failed {} more times: not retried before a restart",
+                    FETCH_RETRIES
+                );
+            }
+        }
+        self.novelty.forget_handled(again);
+    }
+
     /// Closes the input and steps until every released epoch is committed; returns the
     /// committed rows per label of the whole output.
     pub fn finish(mut self, worker: &mut Worker) -> BTreeMap<String, u64> {
@@ -399,7 +540,104 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
-    use super::KeyFilter;
+    use super::*;
+    use crate::storage::ListPage;
+    use bytes::Bytes;
+    use std::path::{Path, PathBuf};
+
+    /// A store whose listing gives one page, then panics (or fails) on the second.
+    #[derive(Debug)]
+    struct BrokenListing {
+        panic: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for BrokenListing {
+        fn location(&self) -> String {
+            "broken://in".into()
+        }
+        async fn list_page(
+            &self,
+            _prefix: &str,
+            token: Option<String>,
+            _limit: usize,
+        ) -> Result<ListPage, StorageError> {
+            match token {
+                None => Ok(ListPage {
+                    objects: vec![ObjectMeta {
+                        key: "a/1.jpg".into(),
+                        size: 1,
+                        etag: "e".into(),
+                    }],
+                    next: Some("t".into()),
+                }),
+                Some(_) if self.panic => panic!("listing bug"),
+                Some(_) => Err(StorageError::Remote {
+                    key: self.location(),
+                    reason: "AccessDenied".into(),
+                }),
+            }
+        }
+        async fn get(&self, _: &str) -> Result<Bytes, StorageError> {
+            unimplemented!()
+        }
+        async fn get_version(&self, _: &str, _: &str) -> Result<Bytes, StorageError> {
+            unimplemented!()
+        }
+        async fn put(&self, _: &str, _: Bytes) -> Result<(), StorageError> {
+            unimplemented!()
+        }
+        async fn put_new(&self, _: &str, _: Bytes) -> Result<String, StorageError> {
+            unimplemented!()
+        }
+        async fn put_if_match(&self, _: &str, _: Bytes, _: &str) -> Result<String, StorageError> {
+            unimplemented!()
+        }
+        async fn get_tagged(&self, _: &str) -> Result<(Bytes, String), StorageError> {
+            unimplemented!()
+        }
+        async fn put_file(&self, _: &str, _: &Path) -> Result<(), StorageError> {
+            unimplemented!()
+        }
+        async fn delete(&self, _: &str) -> Result<(), StorageError> {
+            unimplemented!()
+        }
+        async fn remove_partial_writes(&self) -> Result<usize, StorageError> {
+            Ok(0)
+        }
+        fn staging_dir(&self) -> PathBuf {
+            std::env::temp_dir()
+        }
+    }
+
+    /// A listing that breaks mid-way ends with an error naming the page, never with a
+    /// closed channel that looks like the end of the input.
+    #[test]
+    fn a_listing_that_panics_or_fails_mid_way_is_an_error_naming_the_page() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        for panic in [true, false] {
+            let store: Arc<dyn ObjectStore> = Arc::new(BrokenListing { panic });
+            let mut pages = start_listing(runtime.handle(), store, String::new(), 10);
+            let first = pages.blocking_recv().unwrap().unwrap();
+            assert_eq!(first.len(), 1);
+            let err = pages
+                .blocking_recv()
+                .expect("an error, not the end of the listing")
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("listing broken://in, page 2 (after a/1.jpg)"),
+                "{text}"
+            );
+            let cause = if panic {
+                "panicked: listing bug"
+            } else {
+                "AccessDenied"
+            };
+            assert!(text.contains(cause), "{text}");
+            assert!(pages.blocking_recv().is_none());
+        }
+    }
 
     fn f(include: &[&str], exclude: &[&str]) -> KeyFilter {
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();

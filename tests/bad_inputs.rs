@@ -131,3 +131,117 @@ fn bad_files_become_error_records_and_good_ones_are_embedded() {
         assert!(cos >= 0.95, "{key}: cosine {cos} to the original");
     }
 }
+
+/// A PNG of a few dozen bytes whose header claims `width x height` (a decompression bomb).
+fn png_bomb(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend(kind);
+        out.extend(data);
+        let mut crc = !0u32;
+        for &b in &out[start..] {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        out.extend((!crc).to_be_bytes());
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 6, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x03, 0x00]);
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+/// Decompression bombs and an object over `--max-object-bytes` are error records naming the
+/// limit, and the good image beside them is embedded.
+#[test]
+fn bombs_and_huge_objects_are_error_records_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let output = dir.path().join("out");
+    let class = input.join("Hostile");
+    std::fs::create_dir_all(&class).unwrap();
+    std::fs::write(class.join("good.jpg"), sample_jpeg()).unwrap();
+    std::fs::write(class.join("bomb.png"), png_bomb(30_000, 30_000)).unwrap();
+    std::fs::write(class.join("under-side-limit.png"), png_bomb(16_000, 16_000)).unwrap();
+    let mut jpeg = sample_jpeg();
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC2))
+        .unwrap();
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xDC, 0xFF, 0xDC]); // 65500x65500
+    std::fs::write(class.join("bomb.jpg"), &jpeg).unwrap();
+    std::fs::write(class.join("huge.jpg"), vec![0u8; 300_000]).unwrap();
+
+    let mut config = config(&input, &output, 2, 8);
+    config.limits.max_object_bytes = 200_000;
+    let summary = run(&config);
+    assert_eq!((summary.embedded, summary.errors), (1, 4));
+    let table = read_output(&output);
+    assert_eq!(table.rows[0].key, "Hostile/good.jpg");
+    let error = |key: &str| {
+        table
+            .errors
+            .iter()
+            .find(|e| e.key == key)
+            .unwrap_or_else(|| panic!("no error record for {key}"))
+    };
+    for key in [
+        "Hostile/bomb.png",
+        "Hostile/under-side-limit.png",
+        "Hostile/bomb.jpg",
+    ] {
+        let e = error(key);
+        assert_eq!(e.stage, verger::record::Stage::Decode, "{key}");
+        assert!(
+            e.reason.contains("megapixels, over the limit of 64"),
+            "{key}: {}",
+            e.reason
+        );
+    }
+    let huge = error("Hostile/huge.jpg");
+    assert_eq!(huge.stage, verger::record::Stage::Size);
+    assert!(
+        huge.reason
+            .contains("300000 bytes, over the limit of 200000"),
+        "{}",
+        huge.reason
+    );
+    // Not retried by the next run: the version is too large, not unreadable.
+    let again = run(&config);
+    assert_eq!((again.embedded, again.errors), (0, 0));
+}
+
+/// An output inside the input is left out of the listing: its Parquet files never come back
+/// as error records, and a rerun finds nothing new. The input itself as output is refused.
+#[test]
+fn an_output_inside_the_input_is_not_taken_as_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let class = input.join("apple");
+    std::fs::create_dir_all(&class).unwrap();
+    for name in ["321_100.jpg", "322_100.jpg", "323_100.jpg"] {
+        std::fs::copy(sample_dir().join("Test/apple").join(name), class.join(name)).unwrap();
+    }
+    let output = input.join("features");
+    let first = run(&config(&input, &output, 1, 8));
+    assert_eq!((first.embedded, first.errors), (3, 0));
+    let second = run(&config(&input, &output, 1, 8));
+    assert_eq!((second.embedded, second.errors), (0, 0), "{second:?}");
+    assert!(
+        second.source.filtered >= 3,
+        "the output's lease, manifest and Parquet file are left out: {second:?}"
+    );
+
+    let err = verger::dataflow::run(&config(&input, &input, 1, 8), shared_embedder()).unwrap_err();
+    assert!(
+        err.to_string().contains("is the input directory itself"),
+        "{err}"
+    );
+}

@@ -203,3 +203,43 @@ fn a_killed_process_stops_its_peer_and_a_restart_completes_exactly_once() {
     assert_eq!(by_key(table.rows).len(), SAMPLE_IMAGES);
     rt.block_on(assert_clean_output(&client, "fruits", "out/"));
 }
+
+/// A peer that never starts: each process gives up after --connect-timeout, exit code 3,
+/// naming the process it waits for and its address, instead of waiting for ever.
+#[test]
+fn a_peer_that_never_connects_is_named_after_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hostfile(dir.path(), 2);
+    let addresses: Vec<String> = std::fs::read_to_string(&hosts)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let out = dir.path().join("out");
+    for (me, missing) in [(0usize, 1usize), (1, 0)] {
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_verger"))
+            .env("VERGER_WEIGHTS", weights())
+            .args(["run", "--input"])
+            .arg(sample_dir())
+            .arg("--output")
+            .arg(&out)
+            .args(["-w", "1", "-n", "2", "-p", &me.to_string()])
+            .args(["--connect-timeout", "2s", "-h"])
+            .arg(&hosts)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "process {me}:\n{stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
+        let named = format!("process {missing} ({})", addresses[missing]);
+        assert!(
+            stderr.contains("did not connect within 2s") && stderr.contains(&named),
+            "process {me} must name {named}:\n{stderr}"
+        );
+    }
+}

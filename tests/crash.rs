@@ -92,6 +92,15 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
         "a key nobody uploaded"
     );
     rt.block_on(assert_clean_output(&client, "crash", "out/"));
+    // The killed runs' local staging files are gone too (the restart removes the output's
+    // staging folder before it writes anything).
+    let staging = verger::storage::s3::staging_for(&format!("{endpoint} s3://crash/out/"));
+    assert!(
+        !staging.exists() || files_under(&staging).is_empty(),
+        "staging files of killed runs left in {}: {:?}",
+        staging.display(),
+        files_under(&staging)
+    );
 }
 
 /// SIGINT in the middle of a batch run: listing stops, the epochs in flight are committed, the

@@ -250,8 +250,14 @@ fn object_replaced_or_deleted_after_listing_vanishes_without_an_error() {
         let page = rt.block_on(store.list_page("", None, 10)).unwrap();
         page.objects.into_iter().next().unwrap()
     };
-    let fetch =
-        |meta: ObjectMeta| rt.block_on(verger::fetch::fetch(store.clone(), meta, metrics.clone()));
+    let fetch = |meta: ObjectMeta| {
+        rt.block_on(verger::fetch::fetch(
+            store.clone(),
+            meta,
+            verger::fetch::MAX_OBJECT_BYTES,
+            metrics.clone(),
+        ))
+    };
     put(b"first version");
     let first = listed();
     put(b"second version");

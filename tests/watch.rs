@@ -193,3 +193,49 @@ fn waves_replacements_and_deletions_while_watching_then_sigterm() {
     assert_eq!(table.latest_rows().len(), 320);
     rt.block_on(assert_clean_output(&client, "watch", "out/"));
 }
+
+/// A read that fails in watch mode is tried again at a later poll (not only after a restart):
+/// the object ends embedded, and its error record is superseded by the row.
+#[test]
+fn a_failed_read_is_retried_at_the_next_poll_and_its_error_superseded() {
+    use common::fault_proxy::FaultProxy;
+    let (server, rt, client) = server_with_bucket("retry");
+    let keys = rt.block_on(upload_dir(&client, "retry", "in/", &sample_dir(), |k| {
+        k.starts_with("Test/apple/r_32")
+    }));
+    assert!(keys.len() >= 5, "{keys:?}");
+    let unlucky = keys[2].clone();
+    let proxy = FaultProxy::start(&server.endpoint(), 0.0, 0.0, 7);
+    proxy.fail_gets(&format!("/retry/in/{unlucky}"), 1);
+    let verger = Verger::start(&[
+        "run",
+        "--watch",
+        "--poll-interval",
+        "1s",
+        "--input",
+        "s3://retry/in",
+        "--output",
+        "s3://retry/out",
+        "--endpoint-url",
+        &proxy.endpoint(),
+        "--path-style",
+        "--s3-max-attempts",
+        "1",
+        "--s3-outage-retries",
+        "0",
+        "-w",
+        "1",
+    ]);
+    let opts = options(&server.endpoint());
+    let table = eventually("every image embedded", PROCESSING, || {
+        let table = read_location("s3://retry/out", &opts);
+        (table.rows.len() == keys.len()).then_some(table)
+    });
+    verger.terminate();
+    let (status, stdout) = verger.wait(Duration::from_secs(60));
+    assert!(status.success(), "{stdout}");
+    let failed: Vec<_> = table.errors.iter().map(|e| (&e.key, e.stage)).collect();
+    assert_eq!(failed, [(&unlucky, verger::record::Stage::Fetch)]);
+    assert!(table.current_errors().is_empty(), "superseded by the row");
+    by_key(table.rows); // once each
+}

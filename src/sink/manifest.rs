@@ -4,7 +4,9 @@
 //! file under `data/` or `errors/` that no manifest lists is a leftover of an epoch that did
 //! not commit (a crash, a kill), and is deleted when the next run starts, whose listing then
 //! processes those keys again. So committed epochs are never redone and uncommitted ones are
-//! redone exactly once.
+//! redone until they commit. Only the holder of the output's lease ([`super::lease`]) cleans up
+//! or commits, and a manifest is created only if its epoch has none: two writers never
+//! destroy each other's work.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -17,7 +19,7 @@ use timely::dataflow::StreamVec;
 
 use super::{reader, SinkError};
 use crate::record::{Epoch, FileKind, Published, RowId, Stage, WrittenFile};
-use crate::storage::{list_all, ObjectStore};
+use crate::storage::{check_key, list_all, ObjectStore, StorageError};
 
 /// Prefix of manifests in the output store.
 pub const MANIFEST_PREFIX: &str = "_manifest/";
@@ -50,14 +52,66 @@ impl Manifest {
         Self::key_for(self.epoch)
     }
 
-    /// Writes it (atomically) to the store.
+    /// Writes it to the store, atomically and only if no manifest of this epoch exists: two
+    /// writers can never overwrite each other's commit. Finding this very manifest already
+    /// there (a retried request whose first attempt did land) is success.
     pub async fn write(&self, store: &dyn ObjectStore) -> Result<(), SinkError> {
+        let key = self.key();
         let json = serde_json::to_vec_pretty(self).map_err(|e| SinkError::Manifest {
-            key: self.key(),
+            key: key.clone(),
             reason: e.to_string(),
         })?;
-        store.put(&self.key(), Bytes::from(json)).await?;
-        Ok(())
+        match store.put_new(&key, Bytes::from(json)).await {
+            Ok(_) => Ok(()),
+            Err(StorageError::Exists { .. }) => {
+                let there = Manifest::parse(&key, &store.get(&key).await?)?;
+                if there == *self {
+                    Ok(())
+                } else {
+                    Err(SinkError::Manifest {
+                        key,
+                        reason: format!(
+                            "epoch {} was already committed by run {}: another writer on this \
+                             output",
+                            self.epoch, there.run
+                        ),
+                    })
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads the manifest stored under `key`, refusing one that does not describe that epoch
+    /// or lists a file outside `data/` and `errors/` (a manifest is data from storage: a
+    /// hand-edited one must not make verger open `../../etc/passwd`).
+    pub fn parse(key: &str, bytes: &[u8]) -> Result<Self, SinkError> {
+        let bad = |reason: String| SinkError::Manifest {
+            key: key.to_string(),
+            reason,
+        };
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if manifest.key() != key {
+            return Err(bad(format!(
+                "it describes epoch {}, whose manifest is {}",
+                manifest.epoch,
+                manifest.key()
+            )));
+        }
+        for file in &manifest.files {
+            let folder = match file.kind {
+                FileKind::Data => "data/",
+                FileKind::Errors => "errors/",
+            };
+            check_key(&file.key).map_err(|e| bad(e.to_string()))?;
+            if !file.key.starts_with(folder) || !file.key.ends_with(".parquet") {
+                return Err(bad(format!(
+                    "file {} is not a Parquet file under {folder}",
+                    file.key
+                )));
+            }
+        }
+        Ok(manifest)
     }
 }
 
@@ -68,6 +122,8 @@ pub struct CommittedEpoch {
     pub manifest: Manifest,
     /// Its embedding rows.
     pub rows: Vec<RowId>,
+    /// Its error records of failed reads (stage `fetch`): what watch mode lists again.
+    pub failed_reads: Vec<RowId>,
 }
 
 /// What earlier runs committed to an output.
@@ -99,12 +155,7 @@ impl Committed {
         let mut manifests = Vec::new();
         for key in keys_of_manifests {
             let bytes = store.get(&key).await?;
-            let manifest: Manifest =
-                serde_json::from_slice(&bytes).map_err(|e| SinkError::Manifest {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })?;
-            manifests.push(manifest);
+            manifests.push(Manifest::parse(&key, &bytes)?);
         }
         manifests.sort_by_key(|m| m.epoch);
         let (mut handled, mut rows) = (Vec::new(), Vec::new());
@@ -141,9 +192,10 @@ impl Committed {
             .collect()
     }
 
-    /// Deletes data and error files that no manifest lists (leftovers of uncommitted epochs)
-    /// multipart uploads left open, and the local staging area. Returns how many objects and
-    /// uploads were removed.
+    /// Deletes data and error files that no manifest lists (leftovers of uncommitted epochs),
+    /// partial writes (multipart uploads left open, hidden temporary files) and the output's
+    /// local staging folder. Only the holder of the output's lease may call it. Returns how
+    /// many objects, uploads and temporary files were removed.
     pub async fn remove_uncommitted(&self, store: &dyn ObjectStore) -> Result<usize, SinkError> {
         let committed = self.files();
         let mut doomed = Vec::new();
@@ -162,11 +214,13 @@ impl Committed {
             tracing::info!(key, "removing leftover of an uncommitted epoch");
             store.delete(key).await?;
         }
-        let aborted = store.abort_incomplete_uploads().await?;
-        if let Some(staging) = store.staging_dir() {
-            let _ = std::fs::remove_dir_all(staging);
+        let partial = store.remove_partial_writes().await?;
+        let staging = store.staging_dir();
+        if staging.exists() {
+            tracing::info!(dir = %staging.display(), "removing staging files of killed runs");
+            let _ = std::fs::remove_dir_all(&staging);
         }
-        Ok(doomed.len() + aborted)
+        Ok(doomed.len() + partial)
     }
 }
 
@@ -211,10 +265,13 @@ pub fn gather_epochs<'s>(
                 let (cap, published, failures) = pending.remove(&t).expect("first key");
                 let result = if failures.is_empty() {
                     let mut files = Vec::with_capacity(published.len());
-                    let mut rows = Vec::new();
+                    let (mut rows, mut failed_reads) = (Vec::new(), Vec::new());
                     for p in published {
+                        match p.file.kind {
+                            FileKind::Data => rows.extend(p.rows),
+                            FileKind::Errors => failed_reads.extend(p.rows),
+                        }
                         files.push(p.file);
-                        rows.extend(p.rows);
                     }
                     files.sort_by(|a, b| a.key.cmp(&b.key));
                     let count = |kind| {
@@ -232,7 +289,11 @@ pub fn gather_epochs<'s>(
                         errors: count(FileKind::Errors),
                         files,
                     };
-                    Ok(CommittedEpoch { manifest, rows })
+                    Ok(CommittedEpoch {
+                        manifest,
+                        rows,
+                        failed_reads,
+                    })
                 } else {
                     Err(format!("epoch {t} not committed: {}", failures.join("; ")))
                 };
@@ -240,4 +301,110 @@ pub fn gather_epochs<'s>(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::local::LocalStore;
+
+    fn manifest(epoch: Epoch, file: &str) -> Manifest {
+        Manifest {
+            epoch,
+            run: "r1".into(),
+            model: "efficientnet-lite0".into(),
+            rows: 1,
+            errors: 0,
+            files: vec![WrittenFile {
+                key: file.into(),
+                kind: FileKind::Data,
+                rows: 1,
+                bytes: 10,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_manifest_naming_a_file_outside_the_output_is_refused() {
+        for file in [
+            "data/../../../etc/passwd",
+            "/etc/passwd",
+            "errors/e0.parquet", // listed as data
+            "data/e0.json",
+        ] {
+            let json = serde_json::to_vec(&manifest(3, file)).unwrap();
+            let err = Manifest::parse(&Manifest::key_for(3), &json).unwrap_err();
+            assert!(
+                err.to_string().contains(&Manifest::key_for(3)) && err.to_string().contains(file),
+                "{file}: {err}"
+            );
+        }
+        let good = manifest(3, "data/e0000000003-w0000-r1.parquet");
+        let json = serde_json::to_vec(&good).unwrap();
+        assert_eq!(Manifest::parse(&Manifest::key_for(3), &json).unwrap(), good);
+        let moved = Manifest::parse(&Manifest::key_for(4), &json).unwrap_err();
+        assert!(moved.to_string().contains("epoch 3"), "{moved}");
+    }
+
+    #[tokio::test]
+    async fn loading_an_output_with_a_hand_edited_manifest_fails_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let json = serde_json::to_vec(&manifest(0, "data/../../etc/passwd")).unwrap();
+        store.put(&Manifest::key_for(0), json.into()).await.unwrap();
+        let err = Committed::load(&store).await.unwrap_err();
+        assert!(
+            err.to_string().contains("_manifest/0000000000.json"),
+            "{err}"
+        );
+        assert!(err.to_string().contains(".."), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_second_commit_of_an_epoch_is_refused_unless_it_is_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let first = manifest(7, "data/e0000000007-w0000-r1.parquet");
+        first.write(&store).await.unwrap();
+        first.write(&store).await.unwrap(); // a retried request: the same manifest
+        let mut other = manifest(7, "data/e0000000007-w0000-r2.parquet");
+        other.run = "r2".into();
+        let err = other.write(&store).await.unwrap_err();
+        assert!(
+            err.to_string().contains("already committed by run r1"),
+            "{err}"
+        );
+        let key = Manifest::key_for(7);
+        let stored = Manifest::parse(&key, &store.get(&key).await.unwrap()).unwrap();
+        assert_eq!(stored, first, "the first commit stands");
+    }
+
+    #[tokio::test]
+    async fn start_up_clean_up_removes_staging_and_partial_writes_of_killed_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let staged = store.staging_dir().join("deadrun/data__e1.parquet");
+        std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+        std::fs::write(&staged, b"half").unwrap();
+        let tmp = dir.path().join("_manifest/.0000000001.json.1f.99.tmp");
+        std::fs::create_dir_all(tmp.parent().unwrap()).unwrap();
+        std::fs::write(&tmp, b"{").unwrap();
+        store
+            .put(
+                "data/e0000000001-w0000-dead.parquet",
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        let removed = Committed::default()
+            .remove_uncommitted(&store)
+            .await
+            .unwrap();
+        assert_eq!(
+            removed, 2,
+            "the uncommitted file and the manifest's temporary"
+        );
+        assert!(!staged.exists() && !tmp.exists());
+        assert!(!store.staging_dir().exists());
+    }
 }

@@ -14,6 +14,7 @@
 //! an epoch counts only once its manifest exists, and the manifest is written only after
 //! every worker has finished the epoch. Readers go through the manifests ([`reader`]).
 
+pub mod lease;
 pub mod manifest;
 pub mod reader;
 pub mod schema;
@@ -31,7 +32,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use crate::metrics::Metrics;
-use crate::record::{Embedded, Epoch, Failure, FileKind, Outcome, RowId};
+use crate::record::{Embedded, Epoch, Failure, FileKind, Outcome, RowId, Stage};
 use crate::stats::{StageClock, TimedStage};
 
 /// Rows buffered before they are encoded into the open Parquet file.
@@ -80,7 +81,8 @@ pub struct StagedFile {
     pub kind: FileKind,
     /// Rows written.
     pub rows: u64,
-    /// The rows of a data file, for the incremental per-label counts (empty for errors).
+    /// The rows of a data file, for the incremental per-label counts; for an errors file,
+    /// the versions whose read failed (stage `fetch`), which watch mode retries.
     pub ids: Vec<RowId>,
 }
 
@@ -251,6 +253,13 @@ impl EpochWriter {
                 );
                 self.metrics.failed.inc();
                 let w = self.errors.as_mut().expect("just created");
+                if failure.stage == Stage::Fetch {
+                    w.ids.push(RowId {
+                        key: failure.key.clone(),
+                        etag: failure.etag.clone(),
+                        label: None,
+                    });
+                }
                 w.push(failure, |rows| schema::errors_batch(rows, &model))
             }
             Outcome::Vanished(_) => Ok(()),

@@ -36,6 +36,22 @@ impl Table {
     }
 }
 
+impl Table {
+    /// The error records not superseded: those of a version that has no row (a read that
+    /// failed and then, retried at a later poll, succeeded leaves an error record and a row).
+    pub fn current_errors(&self) -> Vec<&Failure> {
+        let embedded: std::collections::HashSet<(&str, &str)> = self
+            .rows
+            .iter()
+            .map(|r| (r.key.as_str(), r.etag.as_str()))
+            .collect();
+        self.errors
+            .iter()
+            .filter(|e| !embedded.contains(&(e.key.as_str(), e.etag.as_str())))
+            .collect()
+    }
+}
+
 /// The key, version and label of a committed row, or the key, version and stage of an
 /// error record.
 #[derive(Clone, Debug)]
@@ -89,12 +105,11 @@ fn strings<'a>(
         })
 }
 
-fn stage_of(name: &str) -> Stage {
-    match name {
-        "fetch" => Stage::Fetch,
-        "decode" => Stage::Decode,
-        _ => Stage::Embed,
-    }
+fn stage_of(name: &str, file: &str) -> Result<Stage, SinkError> {
+    Stage::from_name(name).ok_or_else(|| SinkError::Parquet {
+        key: file.to_string(),
+        reason: format!("unknown stage `{name}` in the errors table"),
+    })
 }
 
 /// Key, version and label (data) or stage (errors) of every record of one committed file:
@@ -117,7 +132,10 @@ pub async fn read_index(
             let third = (!other.is_null(i)).then(|| other.value(i).to_string());
             let (label, stage) = match kind {
                 FileKind::Data => (third, None),
-                FileKind::Errors => (None, third.as_deref().map(stage_of)),
+                FileKind::Errors => (
+                    None,
+                    third.as_deref().map(|s| stage_of(s, key)).transpose()?,
+                ),
             };
             out.push(IndexEntry {
                 row: RowId {
@@ -178,12 +196,14 @@ fn decode_errors(batch: &RecordBatch, file: &str) -> Result<Vec<Failure>, SinkEr
     let etag = strings(batch, "etag", file)?;
     let stage = strings(batch, "stage", file)?;
     let reason = strings(batch, "reason", file)?;
-    Ok((0..batch.num_rows())
-        .map(|i| Failure {
-            key: key.value(i).to_string(),
-            etag: etag.value(i).to_string(),
-            stage: stage_of(stage.value(i)),
-            reason: reason.value(i).to_string(),
+    (0..batch.num_rows())
+        .map(|i| {
+            Ok(Failure {
+                key: key.value(i).to_string(),
+                etag: etag.value(i).to_string(),
+                stage: stage_of(stage.value(i), file)?,
+                reason: reason.value(i).to_string(),
+            })
         })
-        .collect())
+        .collect()
 }

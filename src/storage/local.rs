@@ -64,8 +64,10 @@ impl LocalStore {
         })
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    /// The file of `key`, refusing keys that would leave the root.
+    fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
+        super::check_key(key)?;
+        Ok(self.root.join(key))
     }
 
     /// Synchronous listing of one page (runs on the blocking pool).
@@ -77,6 +79,8 @@ impl LocalStore {
     ) -> Result<ListPage, StorageError> {
         let mut objects = Vec::new();
         let mut more = false;
+        let root = std::fs::metadata(&self.root).map_err(io(&self.location()))?;
+        let mut ancestors = vec![dir_id(&root)];
         walk(
             &self.root,
             "",
@@ -85,6 +89,7 @@ impl LocalStore {
             limit,
             &mut objects,
             &mut more,
+            &mut ancestors,
         )?;
         let next = if more {
             objects.last().map(|o| o.key.clone())
@@ -95,7 +100,19 @@ impl LocalStore {
     }
 }
 
+/// Identity of a directory (device, inode), to detect symbolic-link loops.
+type DirId = (u64, u64);
+
+fn dir_id(meta: &std::fs::Metadata) -> DirId {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
 /// Depth-first walk in key order, skipping whole directories that lie before `after`.
+/// Symbolic links are followed, to files and to directories alike, under the link's own
+/// key; a link to one of its own ancestor directories (a loop) and a dangling link are
+/// reported and left out.
+#[allow(clippy::too_many_arguments)]
 fn walk(
     root: &Path,
     dir: &str,
@@ -104,6 +121,7 @@ fn walk(
     limit: usize,
     out: &mut Vec<ObjectMeta>,
     more: &mut bool,
+    ancestors: &mut Vec<DirId>,
 ) -> Result<(), StorageError> {
     let abs = root.join(dir);
     let mut entries: Vec<(String, std::fs::Metadata)> = Vec::new();
@@ -117,7 +135,17 @@ fn walk(
         if name.starts_with('.') || (dir.is_empty() && name == STAGING) {
             continue;
         }
-        let meta = entry.metadata().map_err(io(&name))?;
+        let key = format!("{dir}{name}");
+        let mut meta = entry.metadata().map_err(io(&key))?;
+        if meta.file_type().is_symlink() {
+            match std::fs::metadata(entry.path()) {
+                Ok(target) => meta = target,
+                Err(e) => {
+                    tracing::warn!(key, "skipping a dangling symbolic link: {e}");
+                    continue;
+                }
+            }
+        }
         entries.push((name, meta));
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -135,7 +163,18 @@ fn walk(
                     continue;
                 }
             }
-            walk(root, &sub, prefix, after, limit, out, more)?;
+            let id = dir_id(&meta);
+            if ancestors.contains(&id) {
+                tracing::warn!(
+                    key,
+                    "skipping a symbolic link to one of its own parent folders (a loop)"
+                );
+                continue;
+            }
+            ancestors.push(id);
+            let walked = walk(root, &sub, prefix, after, limit, out, more, ancestors);
+            ancestors.pop();
+            walked?;
         } else if kind.is_file() && key.starts_with(prefix) {
             if after.is_some_and(|a| key_order(&key, a) != Ordering::Greater) {
                 continue;
@@ -149,6 +188,8 @@ fn walk(
                     etag: local_etag(&meta),
                 });
             }
+        } else if key.starts_with(prefix) {
+            tracing::warn!(key, "skipping what is neither a file nor a folder");
         }
         if *more {
             return Ok(());
@@ -177,7 +218,7 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-        tokio::fs::read(self.path(key))
+        tokio::fs::read(self.path(key)?)
             .await
             .map(Bytes::from)
             .map_err(io(key))
@@ -185,7 +226,7 @@ impl ObjectStore for LocalStore {
 
     async fn get_version(&self, key: &str, etag: &str) -> Result<Bytes, StorageError> {
         use tokio::io::AsyncReadExt;
-        let mut file = tokio::fs::File::open(self.path(key))
+        let mut file = tokio::fs::File::open(self.path(key)?)
             .await
             .map_err(io(key))?;
         let meta = file.metadata().await.map_err(io(key))?;
@@ -200,19 +241,59 @@ impl ObjectStore for LocalStore {
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
-        let target = self.path(key);
-        if let Some(parent) = target.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io(key))?;
-        }
-        let tmp = temp_sibling(&target);
-        tokio::fs::write(&tmp, &bytes).await.map_err(io(key))?;
-        let file = tokio::fs::File::open(&tmp).await.map_err(io(key))?;
-        file.sync_all().await.map_err(io(key))?;
+        let target = self.path(key)?;
+        let tmp = write_temp_sibling(key, &target, &bytes).await?;
         tokio::fs::rename(&tmp, &target).await.map_err(io(key))
     }
 
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<String, StorageError> {
+        let target = self.path(key)?;
+        let tmp = write_temp_sibling(key, &target, &bytes).await?;
+        // A hard link never replaces an existing name: the create-if-absent of POSIX.
+        let linked = tokio::fs::hard_link(&tmp, &target).await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        match linked {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StorageError::Exists {
+                key: key.to_string(),
+            }),
+            Err(e) => Err(io(key)(e)),
+            Ok(()) => {
+                let meta = tokio::fs::metadata(&target).await.map_err(io(key))?;
+                Ok(local_etag(&meta))
+            }
+        }
+    }
+
+    /// Not atomic against another process writing the same file between the check and the
+    /// rename: local outputs are guarded by their lock file instead (see `sink::lease`).
+    async fn put_if_match(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        etag: &str,
+    ) -> Result<String, StorageError> {
+        let target = self.path(key)?;
+        let meta = tokio::fs::metadata(&target).await.map_err(io(key))?;
+        if local_etag(&meta) != etag {
+            return Err(StorageError::Changed {
+                key: key.to_string(),
+            });
+        }
+        let tmp = write_temp_sibling(key, &target, &bytes).await?;
+        tokio::fs::rename(&tmp, &target).await.map_err(io(key))?;
+        let meta = tokio::fs::metadata(&target).await.map_err(io(key))?;
+        Ok(local_etag(&meta))
+    }
+
+    async fn get_tagged(&self, key: &str) -> Result<(Bytes, String), StorageError> {
+        let path = self.path(key)?;
+        let meta = tokio::fs::metadata(&path).await.map_err(io(key))?;
+        let bytes = tokio::fs::read(&path).await.map_err(io(key))?;
+        Ok((Bytes::from(bytes), local_etag(&meta)))
+    }
+
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        let target = self.path(key);
+        let target = self.path(key)?;
         if let Some(parent) = target.parent() {
             tokio::fs::create_dir_all(parent).await.map_err(io(key))?;
         }
@@ -227,15 +308,81 @@ impl ObjectStore for LocalStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        match tokio::fs::remove_file(self.path(key)).await {
+        match tokio::fs::remove_file(self.path(key)?).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(key)(e)),
             _ => Ok(()),
         }
     }
 
-    fn staging_dir(&self) -> Option<PathBuf> {
-        Some(self.root.join(STAGING))
+    async fn remove_partial_writes(&self) -> Result<usize, StorageError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.remove_temporaries_sync())
+            .await
+            .map_err(|e| StorageError::Io {
+                key: self.location(),
+                source: std::io::Error::other(format!("clean-up task failed: {e}")),
+            })?
     }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.root.join(STAGING)
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
+}
+
+impl LocalStore {
+    /// Deletes the hidden temporary files of atomic writes ([`temp_sibling`]) anywhere in the
+    /// tree: a writer killed between writing one and renaming it leaves it behind.
+    fn remove_temporaries_sync(&self) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        // Only where verger writes: the output root may hold other things.
+        let mut dirs: Vec<PathBuf> = ["_manifest", "data", "errors"]
+            .iter()
+            .map(|d| self.root.join(d))
+            .filter(|d| d.is_dir())
+            .collect();
+        while let Some(dir) = dirs.pop() {
+            let name = dir.display().to_string();
+            for entry in std::fs::read_dir(&dir).map_err(io(&name))? {
+                let entry = entry.map_err(io(&name))?;
+                let kind = entry.file_type().map_err(io(&name))?;
+                let file_name = entry.file_name();
+                let file_name = file_name.to_string_lossy();
+                if kind.is_dir() && file_name != STAGING {
+                    dirs.push(entry.path());
+                } else if kind.is_file() && is_temp_name(&file_name) {
+                    tracing::info!(path = %entry.path().display(), "removing a partial write");
+                    std::fs::remove_file(entry.path()).map_err(io(&name))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Writes `bytes` to a new hidden sibling of `target` and syncs it; returns its path.
+async fn write_temp_sibling(
+    key: &str,
+    target: &Path,
+    bytes: &[u8],
+) -> Result<PathBuf, StorageError> {
+    if let Some(parent) = target.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(io(key))?;
+    }
+    let tmp = temp_sibling(target);
+    tokio::fs::write(&tmp, bytes).await.map_err(io(key))?;
+    let file = tokio::fs::File::open(&tmp).await.map_err(io(key))?;
+    file.sync_all().await.map_err(io(key))?;
+    Ok(tmp)
+}
+
+/// Whether `name` is one of [`temp_sibling`]'s names: `.<name>.<nonce>.<pid>.tmp`.
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
 }
 
 fn temp_sibling(target: &Path) -> PathBuf {
@@ -356,5 +503,81 @@ mod tests {
             Err(StorageError::NotFound { .. })
         ));
         store.delete("nope.jpg").await.unwrap();
+    }
+
+    async fn all_keys(store: &LocalStore) -> Vec<String> {
+        let mut seen = Vec::new();
+        list_all(store, "", 2, |page| {
+            seen.extend(page.into_iter().map(|o| o.key));
+            true
+        })
+        .await
+        .unwrap();
+        seen
+    }
+
+    #[tokio::test]
+    async fn symbolic_links_are_followed_and_loops_and_dangling_links_left_out() {
+        use std::os::unix::fs::symlink;
+        let outside = tempfile::tempdir().unwrap();
+        touch(outside.path(), "elsewhere/far.jpg");
+        let dir = tempfile::tempdir().unwrap();
+        touch(dir.path(), "a/1.jpg");
+        symlink(dir.path().join("a/1.jpg"), dir.path().join("a/2.jpg")).unwrap();
+        symlink(outside.path().join("elsewhere"), dir.path().join("linked")).unwrap();
+        symlink(dir.path().join("a"), dir.path().join("a/loop")).unwrap();
+        symlink(dir.path(), dir.path().join("a/root-loop")).unwrap();
+        symlink(dir.path().join("gone.jpg"), dir.path().join("dangling.jpg")).unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        assert_eq!(
+            all_keys(&store).await,
+            ["a/1.jpg", "a/2.jpg", "linked/far.jpg"],
+            "links to files and folders followed, loops and dangling links left out"
+        );
+        assert_eq!(
+            &store.get("linked/far.jpg").await.unwrap()[..],
+            b"elsewhere/far.jpg"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_leaving_the_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(&dir.path().join("out"), true).unwrap();
+        for key in ["../secret", "/etc/passwd", "a/../../b", "", "a//b"] {
+            let err = store.get(key).await.unwrap_err();
+            assert!(matches!(err, StorageError::BadKey { .. }), "{key}: {err}");
+            assert!(store.put(key, Bytes::from_static(b"x")).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn put_new_never_replaces_and_partial_writes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        store
+            .put_new("_manifest/1.json", Bytes::from_static(b"first"))
+            .await
+            .unwrap();
+        let again = store
+            .put_new("_manifest/1.json", Bytes::from_static(b"second"))
+            .await;
+        assert!(
+            matches!(again, Err(StorageError::Exists { .. })),
+            "{again:?}"
+        );
+        assert_eq!(&store.get("_manifest/1.json").await.unwrap()[..], b"first");
+        // What a writer killed between write and rename leaves (hidden, so never listed).
+        touch(dir.path(), "_manifest/.0000000002.json.18a2b.4242.tmp");
+        touch(dir.path(), "data/.e0-w0-r.parquet.18a2b.4242.tmp");
+        touch(dir.path(), "data/e0-w0-r.parquet");
+        assert_eq!(store.remove_partial_writes().await.unwrap(), 2);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path().join("data"))
+            .unwrap()
+            .chain(std::fs::read_dir(dir.path().join("_manifest")).unwrap())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1.json", "e0-w0-r.parquet"]);
     }
 }

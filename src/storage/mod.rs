@@ -45,6 +45,20 @@ pub enum StorageError {
         /// The error and its causes.
         reason: String,
     },
+    /// A conditional create found the key already there (another writer got there first).
+    #[error("{key}: already exists")]
+    Exists {
+        /// The key.
+        key: String,
+    },
+    /// A key that cannot name an object under the store's root (`..`, absolute, empty part).
+    #[error("{key}: not a valid key ({reason})")]
+    BadKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A location string verger cannot open.
     #[error("unsupported location `{0}` (expected a local directory or s3://bucket/prefix)")]
     Unsupported(String),
@@ -95,21 +109,43 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Writes `bytes` under `key` atomically: readers see the old object or the whole new one.
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError>;
 
+    /// Creates `key` with `bytes` only if it does not exist yet ([`StorageError::Exists`]
+    /// otherwise), atomically; returns the new object's version tag.
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<String, StorageError>;
+
+    /// Replaces `key` only if it is still the version `etag` ([`StorageError::Changed`]
+    /// otherwise, [`StorageError::NotFound`] if it is gone); returns the new version tag.
+    async fn put_if_match(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        etag: &str,
+    ) -> Result<String, StorageError>;
+
+    /// The whole object with its current version tag.
+    async fn get_tagged(&self, key: &str) -> Result<(Bytes, String), StorageError>;
+
     /// Moves the finished local file `path` to `key` atomically (rename or upload).
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
 
     /// Deletes `key`; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
-    /// Aborts multipart uploads left open under this store's root by an earlier run that
-    /// died mid-upload. Returns how many were aborted.
-    async fn abort_incomplete_uploads(&self) -> Result<usize, StorageError> {
-        Ok(0)
-    }
+    /// Removes what a writer that died mid-write left under this store's root: multipart
+    /// uploads still open (S3), hidden temporary files of unfinished atomic writes (local).
+    /// Only the holder of the output's lease may call it. Returns how many were removed.
+    async fn remove_partial_writes(&self) -> Result<usize, StorageError>;
 
-    /// A local directory where files destined for this store can be staged so that
-    /// [`put_file`](Self::put_file) is a cheap rename; `None` to use the system temp dir.
-    fn staging_dir(&self) -> Option<PathBuf>;
+    /// The local directory where files destined for this store are staged (for a local store,
+    /// inside it, so that [`put_file`](Self::put_file) is a rename; for S3, a folder of the
+    /// system temp dir named after the location). One per output, so that the lease holder
+    /// can remove what killed runs left there.
+    fn staging_dir(&self) -> PathBuf;
+
+    /// The directory of a local store (`None` for remote stores).
+    fn local_root(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// How remote stores are reached; ignored by local directories.
@@ -123,6 +159,9 @@ pub struct StoreOptions {
     pub max_attempts: u32,
     /// Use the SDK's adaptive retry mode (client-side rate limiting) instead of standard.
     pub adaptive_retry: bool,
+    /// How many more times an operation is tried, with growing pauses (`s3::OUTAGE_PAUSES`),
+    /// once the SDK's own retries are spent: rides out an outage of about a minute.
+    pub outage_retries: usize,
     /// Files at least this large are uploaded in parts.
     pub multipart_threshold: usize,
     /// Size of each part (S3 requires at least 5 MiB but for the last).
@@ -136,6 +175,7 @@ impl Default for StoreOptions {
             path_style: false,
             max_attempts: 10,
             adaptive_retry: false,
+            outage_retries: s3::OUTAGE_PAUSES.len(),
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
         }
@@ -157,6 +197,33 @@ pub async fn open(
     }
     let path = location.strip_prefix("file://").unwrap_or(location);
     Ok(Arc::new(local::LocalStore::open(Path::new(path), create)?))
+}
+
+/// Checks that `key` names an object under a store's root: relative, `/`-separated, with no
+/// empty, `.` or `..` component. Keys come from listings, but also from manifests, which are
+/// data from storage and may have been edited by hand.
+pub fn check_key(key: &str) -> Result<(), StorageError> {
+    let bad = |reason| {
+        Err(StorageError::BadKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key.starts_with('/') || key.starts_with('\\') {
+        return bad("absolute path");
+    }
+    for part in key.split('/') {
+        match part {
+            "" => return bad("empty path component"),
+            "." | ".." => return bad("`.` or `..` component"),
+            _ if part.contains('\0') => return bad("NUL byte"),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Order of keys in listings: component by component, so that a directory's keys stay

@@ -35,14 +35,15 @@ pub const OUTAGE_PAUSES: [Duration; 6] = [
     Duration::from_secs(30),
 ];
 
-/// Runs `op` until it succeeds, fails for good (not found, local I/O), or [`OUTAGE_PAUSES`] are
-/// spent. Each pause is jittered (50-100%) so that workers do not retry in lockstep.
-async fn outage_retry<T, F, Fut>(what: &str, mut op: F) -> Result<T, StorageError>
+/// Runs `op` until it succeeds, fails for good (not found, local I/O), or the first `retries`
+/// of [`OUTAGE_PAUSES`] are spent. Each pause is jittered (50-100%) so that workers do not
+/// retry in lockstep.
+async fn outage_retry<T, F, Fut>(what: &str, retries: usize, mut op: F) -> Result<T, StorageError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StorageError>>,
 {
-    let mut pauses = OUTAGE_PAUSES.iter();
+    let mut pauses = OUTAGE_PAUSES.iter().take(retries);
     loop {
         match op().await {
             Err(e @ StorageError::Remote { .. }) => match pauses.next() {
@@ -60,6 +61,17 @@ where
             other => return other,
         }
     }
+}
+
+/// The local staging folder of the output at `location` (endpoint and `s3://` location):
+/// `verger-staging/<hash>` in the
+/// system temp dir, the same for every run on that output, so that a run holding the output's
+/// lease can remove the files of killed runs.
+pub fn staging_for(location: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(location.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    std::env::temp_dir().join("verger-staging").join(hex)
 }
 
 /// A bucket and a key prefix in it, as `s3://bucket/prefix`.
@@ -133,7 +145,12 @@ impl S3Store {
         format!("{}{key}", self.root)
     }
 
-    async fn get_once(&self, key: &str, etag: Option<&str>) -> Result<Bytes, StorageError> {
+    /// The object (only if it is still version `etag`, when given) and its version tag.
+    async fn get_once(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+    ) -> Result<(Bytes, String), StorageError> {
         let response = self
             .client
             .get_object()
@@ -156,8 +173,13 @@ impl S3Store {
             }
             Err(e) => return Err(remote(key, e)),
         };
+        let version = output
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string();
         // The SDK retries requests, not a body cut short: a Remote error is retried by `get`.
-        output
+        let bytes = output
             .body
             .collect()
             .await
@@ -165,7 +187,8 @@ impl S3Store {
             .map_err(|e| StorageError::Remote {
                 key: key.to_string(),
                 reason: format!("reading the body: {}", DisplayErrorContext(&e)),
-            })
+            })?;
+        Ok((bytes, version))
     }
 
     async fn put_multipart(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -269,22 +292,27 @@ impl ObjectStore for S3Store {
         token: Option<String>,
         limit: usize,
     ) -> Result<ListPage, StorageError> {
-        outage_retry(&self.location(), || {
+        outage_retry(&self.location(), self.options.outage_retries, || {
             self.list_once(prefix, token.clone(), limit)
         })
         .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
-        outage_retry(key, || self.get_once(key, None)).await
+        Ok(self.get_tagged(key).await?.0)
     }
 
     async fn get_version(&self, key: &str, etag: &str) -> Result<Bytes, StorageError> {
-        outage_retry(key, || self.get_once(key, Some(etag))).await
+        let retries = self.options.outage_retries;
+        let found = outage_retry(key, retries, || self.get_once(key, Some(etag))).await?;
+        Ok(found.0)
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
-        outage_retry(key, || self.put_once(key, bytes.clone())).await
+        outage_retry(key, self.options.outage_retries, || {
+            self.put_once(key, bytes.clone())
+        })
+        .await
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -294,25 +322,61 @@ impl ObjectStore for S3Store {
         };
         let size = tokio::fs::metadata(path).await.map_err(io)?.len();
         if size >= self.options.multipart_threshold as u64 {
-            outage_retry(key, || self.put_multipart(key, path)).await?;
+            outage_retry(key, self.options.outage_retries, || {
+                self.put_multipart(key, path)
+            })
+            .await?;
         } else {
             let body = Bytes::from(tokio::fs::read(path).await.map_err(io)?);
-            outage_retry(key, || self.put_once(key, body.clone())).await?;
+            outage_retry(key, self.options.outage_retries, || {
+                self.put_once(key, body.clone())
+            })
+            .await?;
         }
         let _ = tokio::fs::remove_file(path).await;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        outage_retry(key, || self.delete_once(key)).await
+        outage_retry(key, self.options.outage_retries, || self.delete_once(key)).await
     }
 
-    async fn abort_incomplete_uploads(&self) -> Result<usize, StorageError> {
-        outage_retry(&self.location(), || self.abort_incomplete_once()).await
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<String, StorageError> {
+        outage_retry(key, self.options.outage_retries, || {
+            self.put_conditional(key, bytes.clone(), None)
+        })
+        .await
     }
 
-    fn staging_dir(&self) -> Option<PathBuf> {
-        None
+    async fn put_if_match(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        etag: &str,
+    ) -> Result<String, StorageError> {
+        outage_retry(key, self.options.outage_retries, || {
+            self.put_conditional(key, bytes.clone(), Some(etag))
+        })
+        .await
+    }
+
+    async fn get_tagged(&self, key: &str) -> Result<(Bytes, String), StorageError> {
+        outage_retry(key, self.options.outage_retries, || {
+            self.get_once(key, None)
+        })
+        .await
+    }
+
+    async fn remove_partial_writes(&self) -> Result<usize, StorageError> {
+        outage_retry(&self.location(), self.options.outage_retries, || {
+            self.abort_incomplete_once()
+        })
+        .await
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        let endpoint = self.options.endpoint_url.as_deref().unwrap_or("aws");
+        staging_for(&format!("{endpoint} {}", self.location()))
     }
 }
 
@@ -363,6 +427,46 @@ impl S3Store {
             .await
             .map_err(|e| remote(key, e))?;
         Ok(())
+    }
+
+    /// PutObject with `If-None-Match: *` (`etag` is `None`) or `If-Match: etag`.
+    async fn put_conditional(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        etag: Option<&str>,
+    ) -> Result<String, StorageError> {
+        let request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .body(ByteStream::from(bytes));
+        let request = match etag {
+            None => request.if_none_match("*"),
+            Some(etag) => request.if_match(format!("\"{}\"", etag.trim_matches('"'))),
+        };
+        match request.send().await {
+            Ok(out) => Ok(out
+                .e_tag()
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_string()),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 412 => Err(match etag {
+                None => StorageError::Exists {
+                    key: key.to_string(),
+                },
+                Some(_) => StorageError::Changed {
+                    key: key.to_string(),
+                },
+            }),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {
+                Err(StorageError::NotFound {
+                    key: key.to_string(),
+                })
+            }
+            Err(e) => Err(remote(key, e)),
+        }
     }
 
     async fn delete_once(&self, key: &str) -> Result<(), StorageError> {

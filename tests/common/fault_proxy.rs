@@ -63,6 +63,8 @@ struct Shared {
     resets: AtomicU64,
     forwarded: AtomicU64,
     client: Client<HttpConnector, Incoming>,
+    /// GETs whose path contains this string are answered `500 InternalError`, this many times.
+    failing_gets: Mutex<Option<(String, u64)>>,
 }
 
 /// What happens to one request.
@@ -114,6 +116,7 @@ impl FaultProxy {
             resets: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            failing_gets: Mutex::new(None),
         });
         let (stop, stopped) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -133,6 +136,12 @@ impl FaultProxy {
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// From now on, the next `times` GET requests whose path contains `path_part` are answered
+    /// `500 InternalError` (not forwarded).
+    pub fn fail_gets(&self, path_part: &str, times: u64) {
+        *self.shared.failing_gets.lock().unwrap() = Some((path_part.to_string(), times));
     }
 
     /// The proxy's URL, `http://127.0.0.1:PORT`, to use as the S3 endpoint.
@@ -220,6 +229,22 @@ async fn handle(
     twin: Arc<TcpStream>,
     abort: Arc<Notify>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.method() == hyper::Method::GET {
+        let mut failing = shared
+            .failing_gets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((part, left)) = failing.as_mut() {
+            if *left > 0 && req.uri().path().contains(part.as_str()) {
+                *left -= 1;
+                return Ok(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "injected by the test",
+                ));
+            }
+        }
+    }
     match shared.decide() {
         Fate::SlowDown => {
             shared.slowdowns.fetch_add(1, Ordering::Relaxed);
