@@ -342,14 +342,30 @@ pub fn nested_prefix(input: &dyn ObjectStore, output: &dyn ObjectStore) -> Optio
 /// Process 0 first takes the output's lease ([`Lease`]): a second run on the same output
 /// fails at once naming the holder, before it deletes or writes anything.
 pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError> {
+    run_loading(config, || Ok(embedder.clone()))
+}
+
+/// [`run`], loading the network with `load` only once input and output are open: a wrong
+/// location, missing credentials or an unreachable store fail before seconds of model loading
+/// (or a weights download).
+pub fn run_loading(
+    config: &RunConfig,
+    load: impl FnOnce() -> Result<Embedder, String>,
+) -> Result<Summary, RunError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("verger-io")
         .build()
         .map_err(|e| RunError::Fatal(format!("cannot start the I/O runtime: {e}")))?;
-    let input = runtime.block_on(storage::open(&config.input, false, &config.store))?;
-    let output = runtime.block_on(storage::open(&config.output, true, &config.store))?;
+    let input = runtime
+        .block_on(storage::open(&config.input, false, &config.store))
+        .map_err(|e| e.on_side("input"))?;
+    let output = runtime
+        .block_on(storage::open(&config.output, true, &config.store))
+        .map_err(|e| e.on_side("output"))?;
+    let embedder = load().map_err(RunError::Fatal)?;
+    let embedder = &embedder;
     let mut filter = config.filter.clone();
     match nested_prefix(input.as_ref(), output.as_ref()) {
         Some(p) if p.is_empty() => return Err(RunError::OutputIsInput(output.location())),
@@ -395,6 +411,7 @@ fn run_holding_lease(
     lease: Option<&Lease>,
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
+    let _ = config.metrics.run_started.set(started);
     let workers = config.workers.max(1);
     let lease_lost = lease.map_or_else(Arc::default, Lease::lost_flag);
     let leader = lease.is_some();
@@ -651,7 +668,7 @@ fn run_holding_lease(
         summary.embedded += part.embedded;
         summary.errors += part.errors;
         summary.epochs += part.epochs;
-        if part.source.listed > 0 || part.source.epochs > 0 {
+        if part.source.listed > 0 || part.source.epochs > 0 || part.source.interrupted {
             summary.source = part.source;
         }
         if !part.labels.is_empty() {

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub images_per_second: Gauge<f64, AtomicU64>,
     /// Committed rows per label (the latest version of each key), from the incremental count.
     pub label_rows: Family<LabelSet, Gauge>,
+    /// When the run proper started (output loaded, lease held): the start of the wall time
+    /// that the summary's images/s divide by, so that a progress display shows the same rate.
+    pub run_started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Default for Metrics {
@@ -88,6 +91,7 @@ impl Metrics {
             frontier_lag_seconds: Gauge::default(),
             images_per_second: Gauge::default(),
             label_rows: Family::default(),
+            run_started: std::sync::OnceLock::new(),
         };
         let r = &mut registry;
         r.register(

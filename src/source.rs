@@ -116,6 +116,9 @@ pub struct SourceStats {
     pub released: u64,
     /// Epochs released.
     pub epochs: u64,
+    /// The listing was stopped (by a signal) before it reached its end.
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 /// Why a listing did not reach its end.
@@ -377,6 +380,7 @@ impl Driver {
     ) -> Result<(), ListingError> {
         loop {
             if stop() {
+                self.stats.interrupted = true;
                 return Ok(()); // dropping `pages` ends the listing task
             }
             self.housekeeping(worker);

@@ -59,9 +59,168 @@ fn missing_input_is_fatal_and_named() {
         .arg(dir.path().join("out"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "verger: error: input {}: no such directory",
+            missing.display()
+        ),
+        "which side, and why"
+    );
+    assert!(
+        !dir.path().join("out").exists(),
+        "the output is not created"
+    );
+}
+
+#[test]
+fn an_output_that_is_a_file_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.parquet");
+    std::fs::write(&file, b"x").unwrap();
+    for (output, reason) in [
+        (file.clone(), "is a file, not a directory".to_string()),
+        (
+            file.join("out"),
+            format!(
+                "cannot be created: {} is a file, not a directory",
+                file.display()
+            ),
+        ),
+    ] {
+        let out = verger()
+            .args(["run", "--input"])
+            .arg(sample_dir().join("Test"))
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            format!("verger: error: output {}: {reason}", output.display())
+        );
+    }
+}
+
+#[test]
+fn an_input_that_lists_nothing_exits_4_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, photos) = (dir.path().join("empty"), dir.path().join("photos"));
+    std::fs::create_dir_all(&input).unwrap();
+    lemon_and_broken_file(&photos);
+    let run = |input: &std::path::Path, extra: &[&str]| {
+        verger()
+            .args(["run", "-w", "1", "--input"])
+            .arg(input)
+            .arg("--output")
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&input, &[]);
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("lists no objects: nothing to do"),
+        "{stderr}"
+    );
+    assert_eq!(run(&input, &["--allow-empty"]).status.code(), Some(0));
+    // A --prefix or globs that leave nothing are the same mistake.
+    let out = run(&photos.join("in"), &["--prefix", "Lemno/"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("under --prefix Lemno/"));
+    let out = run(&photos.join("in"), &["--include", "*.png"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none accepted by --include/--exclude"));
+}
+
+#[test]
+fn zero_workers_is_a_usage_error_not_one_worker() {
+    let out = verger()
+        .args(["run", "--input", "in", "--output", "out", "-w", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("'--workers <WORKERS>': must be at least 1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn inspect_into_a_closed_pipe_exits_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    lemon_and_broken_file(dir.path());
+    let output = dir.path().join("out");
+    succeeds(
+        verger()
+            .args(["run", "-w", "1", "--input"])
+            .arg(dir.path().join("in"))
+            .arg("--output")
+            .arg(&output),
+    );
+    // The reader is gone before verger writes a byte (what `| head -1` does to later lines).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = verger()
+        .arg("inspect")
+        .arg(&output)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+/// The weights a root-run `verger model fetch` (a Docker build, `sudo`) downloads must be
+/// readable by the unprivileged user the service runs as.
+#[cfg(unix)]
+#[test]
+fn fetched_weights_are_readable_by_every_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let out = verger()
+        .env_remove("VERGER_WEIGHTS")
+        .args(["model", "fetch", "--model-dir"])
+        .arg(&models)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("downloading the weights"),
+        "one line says so: {stderr}"
+    );
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(path.starts_with(&models));
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    if meta.uid() == 0 {
+        // As root (CI, Docker builds): read them as `nobody`, as the image's user would.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let read = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sha256sum",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            read.status.success(),
+            "{}",
+            String::from_utf8_lossy(&read.stderr)
+        );
+    }
 }
 
 #[test]
@@ -253,5 +412,27 @@ fn rerun_skips_what_is_committed_and_picks_up_a_rewritten_file() {
     assert!(
         inspect.contains("2 rows (1 keys, 1 superseded by a newer version)"),
         "{inspect}"
+    );
+}
+
+#[test]
+fn many_more_workers_than_cores_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("empty");
+    std::fs::create_dir_all(&input).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = (2 * cores + 1).to_string();
+    let out = verger()
+        .args(["run", "--allow-empty", "-w", &workers, "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("-w {workers} is far above the {cores} cores")),
+        "{stderr}"
     );
 }

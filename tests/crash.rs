@@ -104,7 +104,8 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
 }
 
 /// SIGINT in the middle of a batch run: listing stops, the epochs in flight are committed, the
-/// exit code is 0, nothing is left behind; the next run does exactly the rest.
+/// exit code is 130 (partial: `verger run && train.py` must not go on), nothing is left
+/// behind; the next run does exactly the rest and exits 0.
 #[test]
 fn sigint_mid_run_finishes_the_epochs_in_flight_and_a_rerun_does_the_rest() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,10 +129,20 @@ fn sigint_mid_run_finishes_the_epochs_in_flight_and_a_rerun_does_the_rest() {
         .status()
         .unwrap();
     assert!(interrupted.success());
+    let stderr = verger.stderr.clone();
     let (status, stdout) = verger.wait(Duration::from_secs(120));
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "SIGINT before the end is a partial run: {status:?}\n{stdout}"
+    );
     assert!(
-        status.success(),
-        "SIGINT must end the run cleanly: {status:?}\n{stdout}"
+        stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("interrupted before the end of the input")),
+        "the exit is explained"
     );
     let first = read_output(&out);
     assert!(

@@ -95,6 +95,34 @@ pub fn verify(spec: &ModelSpec, path: &Path) -> Result<(), FetchError> {
     Ok(())
 }
 
+/// Whether the cache directory (`model_dir`, else the default) already holds the weights
+/// (not checked here: [`ensure_weights`] verifies them).
+pub fn is_cached(spec: &ModelSpec, model_dir: Option<&Path>) -> bool {
+    model_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(default_model_dir)
+        .join(&spec.file_name)
+        .is_file()
+}
+
+/// Makes a cached checkpoint readable by every user (mode 0644): the cache is often filled
+/// by root (a Docker build, `sudo verger model fetch`) for a service that runs as another
+/// user. A temporary file is created 0600, so this runs before it is renamed into place,
+/// and again on a cached file an older verger left 0600 (when this user owns it).
+fn make_world_readable(path: &Path) -> Result<(), FetchError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(io_err(path))?;
+        if meta.permissions().mode() & 0o444 != 0o444 {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io_err(path))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// Path of the verified weights: `explicit` if given (checked), else the cached copy in
 /// `model_dir`, downloading it first when missing or corrupt.
 pub fn ensure_weights(
@@ -111,6 +139,9 @@ pub fn ensure_weights(
         .unwrap_or_else(default_model_dir);
     let target = dir.join(&spec.file_name);
     if target.exists() && verify(spec, &target).is_ok() {
+        if let Err(e) = make_world_readable(&target) {
+            tracing::warn!("the cached weights stay readable by their owner only: {e}");
+        }
         return Ok(target);
     }
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -165,9 +196,28 @@ fn download(spec: &ModelSpec, dir: &Path, target: &Path) -> Result<(), FetchErro
     std::io::copy(&mut entry, &mut tmp).map_err(io_err(tmp.path()))?;
     tmp.flush().map_err(io_err(tmp.path()))?;
     verify(spec, tmp.path())?;
+    make_world_readable(tmp.path())?;
     tmp.persist(target).map_err(|e| FetchError::Io {
         path: target.display().to_string(),
         source: e.error,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_checkpoint_file_is_made_world_readable_before_it_is_placed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // What `download` writes into: a private temporary file.
+        let tmp = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(tmp.path()), 0o600, "tempfile's default");
+        make_world_readable(tmp.path()).unwrap();
+        assert_eq!(mode(tmp.path()), 0o644);
+    }
 }

@@ -217,7 +217,7 @@ impl EpochWriter {
 
     /// Appends one outcome to the right table.
     pub fn push(&mut self, outcome: Outcome) -> Result<(), SinkError> {
-        let model = self.naming.model.clone();
+        let (model, epoch) = (self.naming.model.clone(), self.epoch);
         match outcome {
             Outcome::Row(row) => {
                 if self.data.is_none() {
@@ -234,7 +234,7 @@ impl EpochWriter {
                     etag: row.etag.clone(),
                     label: row.label.clone(),
                 });
-                w.push(row, |rows| schema::embeddings_batch(rows, &model))
+                w.push(row, |rows| schema::embeddings_batch(rows, &model, epoch))
             }
             Outcome::Failed(failure) => {
                 if self.errors.is_none() {
@@ -260,7 +260,7 @@ impl EpochWriter {
                         label: None,
                     });
                 }
-                w.push(failure, |rows| schema::errors_batch(rows, &model))
+                w.push(failure, |rows| schema::errors_batch(rows, &model, epoch))
             }
             Outcome::Vanished(_) => Ok(()),
         }
@@ -268,15 +268,17 @@ impl EpochWriter {
 
     /// Closes the files (footer written, synced) and returns them.
     pub fn finish(self) -> Result<Vec<StagedFile>, SinkError> {
-        let model = self.naming.model.clone();
+        let (model, epoch) = (self.naming.model.clone(), self.epoch);
         let mut files = Vec::new();
         if let Some(w) = self.data {
             files.push(w.finish(FileKind::Data, |rows| {
-                schema::embeddings_batch(rows, &model)
+                schema::embeddings_batch(rows, &model, epoch)
             })?);
         }
         if let Some(w) = self.errors {
-            files.push(w.finish(FileKind::Errors, |rows| schema::errors_batch(rows, &model))?);
+            files.push(w.finish(FileKind::Errors, |rows| {
+                schema::errors_batch(rows, &model, epoch)
+            })?);
         }
         Ok(files)
     }

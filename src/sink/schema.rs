@@ -2,9 +2,12 @@
 //!
 //! `embeddings`: `key` utf8, `label` utf8 (null for a key at the root), `width` / `height`
 //! uint32 (original size), `embedding` FixedSizeList<Float32, 1280>, `model` utf8, `etag`
-//! utf8 (the version of the object embedded).
-//! `errors`: `key`, `stage` (`fetch` | `decode` | `embed`), `reason`, `model`, `etag`, all
-//! utf8.
+//! utf8 (the version of the object embedded), `epoch` uint64 (the epoch that committed it).
+//! `errors`: `key`, `stage` (`size` | `fetch` | `decode` | `embed`), `reason`, `model`,
+//! `etag`, all utf8, and `epoch` uint64.
+//!
+//! With `epoch` in every row, "the latest row of each key" is one query over the files (an
+//! `arg_max` or window over `epoch`), no manifest reading needed.
 //!
 //! A key appears again, in a later epoch, when its object was replaced (new ETag): the row
 //! of the latest epoch supersedes the earlier ones ([`super::reader::Table::latest_rows`]).
@@ -12,14 +15,14 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
+    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use crate::embed::FEATURE_DIM;
-use crate::record::{Embedded, Failure};
+use crate::record::{Embedded, Epoch, Failure};
 
 /// Rows per Parquet row group: bounds the writer's memory (~6 MiB of embeddings).
 pub const ROW_GROUP_ROWS: usize = 1024;
@@ -50,6 +53,7 @@ pub fn embeddings_schema() -> SchemaRef {
         ),
         Field::new("model", DataType::Utf8, false),
         Field::new("etag", DataType::Utf8, false),
+        Field::new("epoch", DataType::UInt64, false),
     ]))
 }
 
@@ -61,11 +65,17 @@ pub fn errors_schema() -> SchemaRef {
         Field::new("reason", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
         Field::new("etag", DataType::Utf8, false),
+        Field::new("epoch", DataType::UInt64, false),
     ]))
 }
 
-/// Encodes embedding rows.
-pub fn embeddings_batch(rows: &[Embedded], model: &str) -> RecordBatch {
+/// The `epoch` column: the same epoch for every row of a file.
+fn epoch_column(len: usize, epoch: Epoch) -> ArrayRef {
+    Arc::new(UInt64Array::from(vec![epoch; len]))
+}
+
+/// Encodes embedding rows of `epoch`.
+pub fn embeddings_batch(rows: &[Embedded], model: &str, epoch: Epoch) -> RecordBatch {
     let values: Vec<f32> = rows
         .iter()
         .flat_map(|r| r.embedding.iter().copied())
@@ -90,12 +100,13 @@ pub fn embeddings_batch(rows: &[Embedded], model: &str) -> RecordBatch {
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.etag.as_str()),
         )),
+        epoch_column(rows.len(), epoch),
     ];
     RecordBatch::try_new(embeddings_schema(), columns).expect("columns match the schema")
 }
 
-/// Encodes error records.
-pub fn errors_batch(rows: &[Failure], model: &str) -> RecordBatch {
+/// Encodes error records of `epoch`.
+pub fn errors_batch(rows: &[Failure], model: &str, epoch: Epoch) -> RecordBatch {
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.key.as_str()),
@@ -110,6 +121,7 @@ pub fn errors_batch(rows: &[Failure], model: &str) -> RecordBatch {
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.etag.as_str()),
         )),
+        epoch_column(rows.len(), epoch),
     ];
     RecordBatch::try_new(errors_schema(), columns).expect("columns match the schema")
 }

@@ -46,18 +46,40 @@ pub fn local_etag(meta: &std::fs::Metadata) -> String {
 }
 
 impl LocalStore {
-    /// Opens `root`; creates it when `create`, else it must be an existing directory.
+    /// Opens `root`; creates it when `create` (and checks that files can be created in it),
+    /// else it must be an existing directory. Errors say which of these failed.
     pub fn open(root: &Path, create: bool) -> Result<Self, StorageError> {
-        let name = root.display().to_string();
-        if create {
-            std::fs::create_dir_all(root).map_err(io(&name))?;
+        use std::io::ErrorKind::{NotADirectory, NotFound};
+        let fail = |reason: String| StorageError::Location {
+            location: root.display().to_string(),
+            reason,
+        };
+        match std::fs::metadata(root) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(fail("is a file, not a directory".into())),
+            Err(e) if matches!(e.kind(), NotFound | NotADirectory) => {
+                if let Some(file) = root.ancestors().skip(1).find(|a| a.is_file()) {
+                    return Err(fail(format!(
+                        "{}: {} is a file, not a directory",
+                        if create {
+                            "cannot be created"
+                        } else {
+                            "no such directory"
+                        },
+                        file.display()
+                    )));
+                }
+                if !create {
+                    return Err(fail("no such directory".into()));
+                }
+                std::fs::create_dir_all(root)
+                    .map_err(|e| fail(format!("cannot create the directory: {e}")))?;
+            }
+            Err(e) => return Err(fail(format!("cannot be read: {e}"))),
         }
-        let meta = std::fs::metadata(root).map_err(io(&name))?;
-        if !meta.is_dir() {
-            return Err(StorageError::Io {
-                key: name,
-                source: std::io::Error::other("not a directory"),
-            });
+        if create {
+            tempfile::tempfile_in(root)
+                .map_err(|e| fail(format!("cannot write into the directory: {e}")))?;
         }
         Ok(Self {
             root: root.to_path_buf(),

@@ -62,6 +62,83 @@ pub enum StorageError {
     /// A location string verger cannot open.
     #[error("unsupported location `{0}` (expected a local directory or s3://bucket/prefix)")]
     Unsupported(String),
+    /// A location that cannot serve as a store: missing, a file, not writable.
+    #[error("{location}: {reason}")]
+    Location {
+        /// The directory or `s3://` location.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store refused the request for a reason no retry can cure: no such bucket, access
+    /// denied, unknown access key, wrong secret, expired token, wrong region.
+    #[error("{key}: {reason}")]
+    Refused {
+        /// The key, or the store's location.
+        key: String,
+        /// The error code and what it means.
+        reason: String,
+    },
+    /// No AWS credentials could be found by the default chain.
+    #[error("{location}: no AWS credentials: {reason}")]
+    NoCredentials {
+        /// The `s3://` location.
+        location: String,
+        /// Where the chain looked, and what it said.
+        reason: String,
+    },
+    /// The S3 endpoint could not be reached or did not answer at start-up.
+    #[error("{location}: the S3 endpoint {reason}")]
+    Unreachable {
+        /// The `s3://` location.
+        location: String,
+        /// The endpoint tried and what happened (refused, timed out), with its causes.
+        reason: String,
+    },
+    /// Opening one side of a run (`input` or `output`) failed.
+    #[error("{side} {source}")]
+    Side {
+        /// `input` or `output`.
+        side: &'static str,
+        /// Why.
+        source: Box<StorageError>,
+    },
+}
+
+impl StorageError {
+    /// This error, said of the run's `side` (`input` or `output`), so that a message tells
+    /// which location is wrong.
+    pub fn on_side(self, side: &'static str) -> Self {
+        Self::Side {
+            side,
+            source: Box::new(self),
+        }
+    }
+
+    /// Whether trying again later cannot help (see [`StorageError::Refused`]).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Refused { .. } | Self::NoCredentials { .. } => true,
+            Self::Side { source, .. } => source.is_refusal(),
+            _ => false,
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once (SDK errors nest the same message
+/// at several levels), without Debug dumps.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// An object found by listing.

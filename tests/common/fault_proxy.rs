@@ -65,6 +65,8 @@ struct Shared {
     client: Client<HttpConnector, Incoming>,
     /// GETs whose path contains this string are answered `500 InternalError`, this many times.
     failing_gets: Mutex<Option<(String, u64)>>,
+    /// Requests whose query string contains this are answered `403 AccessDenied`, always.
+    denied_query: Mutex<Option<String>>,
 }
 
 /// What happens to one request.
@@ -117,6 +119,7 @@ impl FaultProxy {
             forwarded: AtomicU64::new(0),
             client: Client::builder(TokioExecutor::new()).build_http(),
             failing_gets: Mutex::new(None),
+            denied_query: Mutex::new(None),
         });
         let (stop, stopped) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -142,6 +145,13 @@ impl FaultProxy {
     /// `500 InternalError` (not forwarded).
     pub fn fail_gets(&self, path_part: &str, times: u64) {
         *self.shared.failing_gets.lock().unwrap() = Some((path_part.to_string(), times));
+    }
+
+    /// From now on, every request whose query string contains `query_part` (`uploads`: the
+    /// listing of open multipart uploads) is answered `403 AccessDenied`, as a bucket policy
+    /// that does not allow it would.
+    pub fn deny_queries(&self, query_part: &str) {
+        *self.shared.denied_query.lock().unwrap() = Some(query_part.to_string());
     }
 
     /// The proxy's URL, `http://127.0.0.1:PORT`, to use as the S3 endpoint.
@@ -229,6 +239,20 @@ async fn handle(
     twin: Arc<TcpStream>,
     abort: Arc<Notify>,
 ) -> Result<Response<Body>, Infallible> {
+    let denied = shared
+        .denied_query
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let (Some(part), Some(query)) = (denied, req.uri().query()) {
+        if query.contains(part.as_str()) {
+            return Ok(error(
+                StatusCode::FORBIDDEN,
+                "AccessDenied",
+                "Access Denied",
+            ));
+        }
+    }
     if req.method() == hyper::Method::GET {
         let mut failing = shared
             .failing_gets

