@@ -107,15 +107,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// The error and its causes on one line, leaving out a cause the text already holds (typed
 /// errors often print their source in their own message).
 fn one_line(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-    }
-    text
+    verger::storage::error_chain(e.as_ref())
 }
 
 #[cfg(test)]
