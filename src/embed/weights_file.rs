@@ -95,14 +95,17 @@ pub fn verify(spec: &ModelSpec, path: &Path) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Whether the cache directory (`model_dir`, else the default) already holds the weights
-/// (not checked here: [`ensure_weights`] verifies them).
-pub fn is_cached(spec: &ModelSpec, model_dir: Option<&Path>) -> bool {
+/// The cache directory in use: `model_dir` if given, else [`default_model_dir`].
+pub fn cache_dir(model_dir: Option<&Path>) -> PathBuf {
     model_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(default_model_dir)
-        .join(&spec.file_name)
-        .is_file()
+}
+
+/// Whether the cache directory (`model_dir`, else the default) already holds the weights
+/// (not checked here: [`ensure_weights`] verifies them).
+pub fn is_cached(spec: &ModelSpec, model_dir: Option<&Path>) -> bool {
+    cache_dir(model_dir).join(&spec.file_name).is_file()
 }
 
 /// Makes a cached checkpoint readable by every user (mode 0644): the cache is often filled
@@ -134,9 +137,7 @@ pub fn ensure_weights(
         verify(spec, path)?;
         return Ok(path.to_path_buf());
     }
-    let dir = model_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(default_model_dir);
+    let dir = cache_dir(model_dir);
     let target = dir.join(&spec.file_name);
     if target.exists() && verify(spec, &target).is_ok() {
         if let Err(e) = make_world_readable(&target) {

@@ -114,15 +114,6 @@ impl StorageError {
             source: Box::new(self),
         }
     }
-
-    /// Whether trying again later cannot help (see [`StorageError::Refused`]).
-    pub fn is_refusal(&self) -> bool {
-        match self {
-            Self::Refused { .. } | Self::NoCredentials { .. } => true,
-            Self::Side { source, .. } => source.is_refusal(),
-            _ => false,
-        }
-    }
 }
 
 /// An error and its causes on one line, each cause once (SDK errors nest the same message
