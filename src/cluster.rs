@@ -8,7 +8,7 @@
 //! too, and so would the main thread when it joins them (possibly aborting on a double panic).
 //! [`watch_peers`] turns the first such panic into one clear message naming the process and its
 //! address, and ends the process at once with exit code 2: its uncommitted epochs stay
-//! uncommitted and are redone, exactly once, when every process is restarted.
+//! uncommitted, and the next run (every process restarted) redoes them until they commit.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -278,7 +278,7 @@ pub fn watch_peers(addresses: &[String]) {
             eprintln!(
                 "verger: lost contact with process {peer} ({address}): {message}; stopping. \
                  Restart every process to resume: committed epochs are kept, the others are \
-                 redone once."
+                 redone."
             );
             std::process::exit(LOST_PEER_EXIT_CODE);
         }));

@@ -10,6 +10,13 @@
 use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{ImageFormat, ImageReader, Limits};
 use std::io::Cursor;
+use timely::dataflow::StreamVec;
+
+use crate::label::label_of;
+use crate::operators::{paced_map, Gate, StageContext};
+pub use crate::record::Pixels;
+use crate::record::{Epoch, Failure, Fetched, Labelled, Miss, Stage};
+use crate::stats::TimedStage;
 
 /// Largest width or height accepted: a guard against decompression bombs.
 pub const MAX_SIDE: u32 = 16_384;
@@ -66,17 +73,65 @@ pub enum DecodeError {
         /// The budget, in pixels.
         limit: u64,
     },
+    /// The decoder panicked on these bytes (a decoder bug hostile input can reach).
+    #[error("decoder panicked: {message}")]
+    Panicked {
+        /// The panic's message.
+        message: String,
+    },
 }
 
-/// An image ready for the network: `side x side` RGB8, row-major, plus its original size.
-#[derive(Clone, Debug)]
-pub struct Pixels {
-    /// Width of the original picture.
-    pub width: u32,
-    /// Height of the original picture.
-    pub height: u32,
-    /// `side * side * 3` bytes, RGB interleaved.
-    pub rgb: Vec<u8>,
+/// The decode stage: decodes, resizes and labels at most `per_activation` fetched objects per
+/// scheduling (so decoded pixels stay in step with the embed stage), giving each object's
+/// permit back to `gate` (the fetch stage's bound). A picture that cannot be decoded becomes
+/// an error record (stage `decode`).
+pub fn stage<'s>(
+    fetched: StreamVec<'s, Epoch, Result<Fetched, Miss>>,
+    ctx: &StageContext,
+    side: u32,
+    max_pixels: u64,
+    per_activation: usize,
+    gate: Gate,
+) -> StreamVec<'s, Epoch, Result<Labelled, Miss>> {
+    let clock = ctx.clock.clone();
+    paced_map(
+        fetched,
+        "DecodeLabel",
+        ctx,
+        per_activation,
+        Some(gate),
+        move |f| {
+            clock.time(TimedStage::Decode, || {
+                f.and_then(|f| decode_and_label(f, side, max_pixels))
+            })
+        },
+    )
+}
+
+/// Decode, resize and label one fetched object. A decoder that panics on hostile bytes
+/// gives the object an error record, like any other decode failure.
+pub fn decode_and_label(fetched: Fetched, side: u32, max_pixels: u64) -> Result<Labelled, Miss> {
+    let decoded =
+        std::panic::catch_unwind(|| decode_and_resize_within(&fetched.bytes, side, max_pixels))
+            .unwrap_or_else(|payload| {
+                Err(DecodeError::Panicked {
+                    message: crate::panic::panic_message(payload.as_ref()),
+                })
+            });
+    match decoded {
+        Ok(pixels) => Ok(Labelled {
+            label: label_of(&fetched.key).map(str::to_string),
+            key: fetched.key,
+            etag: fetched.etag,
+            pixels,
+        }),
+        Err(e) => Err(Miss::Failed(Failure {
+            key: fetched.key,
+            etag: fetched.etag,
+            stage: Stage::Decode,
+            reason: e.to_string(),
+        })),
+    }
 }
 
 /// Decodes `bytes`, converts to RGB8 and resizes to `side x side` (PIL-compatible bilinear),

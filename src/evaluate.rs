@@ -8,6 +8,64 @@ use std::collections::BTreeMap;
 
 use crate::record::Embedded;
 
+/// Which half of a labelled set a row belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Rows the centroids (or a classifier) learn from.
+    Train,
+    /// Rows that are scored.
+    Test,
+}
+
+/// How keys name their split: by a folder named `train` or `test` anywhere in the key's path
+/// (the folder nearest the file wins). The defaults, `Training` and `Test`, are Fruits-360's
+/// layout (`Training/<class>/x.jpg`, `Test/<class>/y.jpg`); under a prefix
+/// (`fruits/v2/Test/kiwi/y.jpg`) the split is still found. A key in neither is left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Splits {
+    /// Folder name of the training split.
+    pub train: String,
+    /// Folder name of the test split.
+    pub test: String,
+}
+
+impl Default for Splits {
+    fn default() -> Self {
+        Self {
+            train: "Training".to_string(),
+            test: "Test".to_string(),
+        }
+    }
+}
+
+impl Splits {
+    /// The split of `key`, if one of its folders names one.
+    pub fn of(&self, key: &str) -> Option<Split> {
+        key.split('/').rev().skip(1).find_map(|folder| {
+            if folder == self.train {
+                Some(Split::Train)
+            } else if folder == self.test {
+                Some(Split::Test)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The rows of each split: (train, test).
+    pub fn partition<'a>(&self, rows: &[&'a Embedded]) -> (Vec<&'a Embedded>, Vec<&'a Embedded>) {
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        for &row in rows {
+            match self.of(&row.key) {
+                Some(Split::Train) => train.push(row),
+                Some(Split::Test) => test.push(row),
+                None => {}
+            }
+        }
+        (train, test)
+    }
+}
+
 /// Accuracy of nearest-centroid classification of `test` with centroids from `train`, and
 /// the number of test rows scored. Rows without a label are ignored.
 pub fn nearest_centroid_accuracy(train: &[&Embedded], test: &[&Embedded]) -> (f64, usize) {
@@ -81,6 +139,30 @@ mod tests {
             height: 1,
             embedding: e.to_vec(),
         }
+    }
+
+    #[test]
+    fn the_split_is_the_nearest_folder_named_so_under_any_prefix() {
+        let splits = Splits::default();
+        assert_eq!(splits.of("Training/kiwi/a.jpg"), Some(Split::Train));
+        assert_eq!(splits.of("bucket/v2/Test/kiwi/a.jpg"), Some(Split::Test));
+        assert_eq!(splits.of("Training/Test/a.jpg"), Some(Split::Test));
+        assert_eq!(
+            splits.of("Training.jpg"),
+            None,
+            "the file name is not a folder"
+        );
+        assert_eq!(
+            splits.of("Trainingset/kiwi/a.jpg"),
+            None,
+            "whole folder names only"
+        );
+        let custom = Splits {
+            train: "train".into(),
+            test: "val".into(),
+        };
+        assert_eq!(custom.of("data/val/kiwi/a.jpg"), Some(Split::Test));
+        assert_eq!(custom.of("Test/kiwi/a.jpg"), None);
     }
 
     #[test]

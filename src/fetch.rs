@@ -8,8 +8,11 @@
 
 use std::sync::Arc;
 
+use timely::dataflow::StreamVec;
+
 use crate::metrics::Metrics;
-use crate::record::{Failure, Fetched, Miss, Stage};
+use crate::operators::{async_map, Gate, StageContext};
+use crate::record::{Epoch, Failure, Fetched, Miss, Stage};
 use crate::storage::{ObjectMeta, ObjectStore, StorageError};
 
 /// Default of `--max-object-bytes`: larger objects are error records, never read.
@@ -63,4 +66,21 @@ pub async fn fetch(
             stage: Stage::Fetch,
         })),
     }
+}
+
+/// The fetch stage: reads every object routed to this worker from `store`, at most
+/// `concurrency` reads in flight, and no more fetched-but-undecoded objects than `gate`
+/// allows (the decode stage gives its permits back).
+pub fn stage<'s>(
+    objects: StreamVec<'s, Epoch, ObjectMeta>,
+    ctx: &StageContext,
+    store: Arc<dyn ObjectStore>,
+    max_bytes: u64,
+    concurrency: usize,
+    gate: Gate,
+) -> StreamVec<'s, Epoch, Result<Fetched, Miss>> {
+    let metrics = ctx.metrics.clone();
+    async_map(objects, "Fetch", ctx, concurrency, Some(gate), move |o| {
+        fetch(store.clone(), o, max_bytes, metrics.clone())
+    })
 }

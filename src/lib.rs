@@ -8,18 +8,22 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod commit;
 pub mod dataflow;
 pub mod decode;
 pub mod demo;
 pub mod embed;
+pub mod error;
 pub mod evaluate;
 pub mod fetch;
 pub mod label;
 pub mod metrics;
 pub mod novelty;
 pub mod operators;
+pub mod panic;
 pub mod record;
 pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod storage;
+pub mod table;

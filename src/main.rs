@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::args::{Cli, Command, LogFormat, ModelCommand};
-use cli::commands::{self, Ending, Service};
+use cli::run::{Ending, Service};
 use tracing_subscriber::EnvFilter;
 use verger::cluster::Cluster;
 use verger::source::{KeyFilter, Mode};
@@ -73,7 +73,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
                 connect_timeout: c.connect_timeout,
                 allow_empty: args.allow_empty,
             };
-            commands::run_job(
+            cli::run::run_job(
                 out,
                 (&args.input, &args.output, &args.prefix),
                 filter,
@@ -82,16 +82,18 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
                 service,
             )
         }
-        Command::Demo(args) => commands::demo(out, &args),
+        Command::Demo(args) => cli::demo::demo(out, &args),
         Command::Model(ModelCommand::Fetch(args)) => {
-            let path = commands::weights(&args)?;
+            let path = cli::model::weights(&args)?;
             writeln!(out, "{}", path.display())?;
             Ok(Ending::Done)
         }
-        Command::Bench(args) => commands::bench(out, &args).map(|()| Ending::Done),
-        Command::Inspect { output, store } => {
-            commands::inspect(out, &output, &store).map(|()| Ending::Done)
-        }
+        Command::Bench(args) => cli::bench::bench(out, &args).map(|()| Ending::Done),
+        Command::Inspect {
+            output,
+            store,
+            splits,
+        } => cli::inspect::inspect(out, &output, &store, &splits.splits()).map(|()| Ending::Done),
     }
 }
 

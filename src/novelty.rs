@@ -209,7 +209,7 @@ impl Novelty {
         self.pending_rows
     }
 
-    /// The objects of `page` not handled yet, in key order; they count as handled from now on.
+    /// The objects of `page` not handled yet, in the page's order; they count as handled from now on.
     pub fn new_objects(&mut self, worker: &mut Worker, page: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
         let now = self.tick;
         for o in page {

@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 /// Timely timestamp: the epoch a key was released in.
 pub type Epoch = u64;
 
+/// Width of an embedding row: channels of the network's head convolution.
+pub const FEATURE_DIM: usize = 1280;
+
 /// The stage at which an object failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
@@ -61,6 +64,17 @@ pub struct Fetched {
     pub bytes: bytes::Bytes,
 }
 
+/// An image ready for the network: `side x side` RGB8, row-major, plus its original size.
+#[derive(Clone, Debug)]
+pub struct Pixels {
+    /// Width of the original picture.
+    pub width: u32,
+    /// Height of the original picture.
+    pub height: u32,
+    /// `side * side * 3` bytes, RGB interleaved.
+    pub rgb: Vec<u8>,
+}
+
 /// A decoded, resized and labelled picture waiting for the network.
 #[derive(Clone, Debug)]
 pub struct Labelled {
@@ -71,7 +85,7 @@ pub struct Labelled {
     /// Parent folder name (`None` at the root).
     pub label: Option<String>,
     /// Original size and the model's input pixels.
-    pub pixels: crate::decode::Pixels,
+    pub pixels: Pixels,
 }
 
 /// One row of the embeddings table.
@@ -113,15 +127,16 @@ pub enum Outcome {
     Row(Embedded),
     /// Failed, with the reason.
     Failed(Failure),
-    /// Deleted or replaced since listed.
-    Vanished(String),
+    /// Deleted or replaced since listed: no record (the fetch stage logged it and counted it
+    /// in `vanished`).
+    Vanished,
 }
 
 impl From<Miss> for Outcome {
     fn from(miss: Miss) -> Self {
         match miss {
             Miss::Failed(f) => Outcome::Failed(f),
-            Miss::Vanished { key, .. } => Outcome::Vanished(key),
+            Miss::Vanished { .. } => Outcome::Vanished,
         }
     }
 }
@@ -169,4 +184,15 @@ pub struct Published {
     pub file: WrittenFile,
     /// The rows of a data file; for an errors file, the versions whose read failed.
     pub rows: Vec<RowId>,
+}
+
+/// A worker's word that it could not finish its part of an epoch, sent on to the committing
+/// worker (maybe in another process) so that the epoch is not committed without its files.
+/// The typed cause is in the failing worker's own process ([`crate::error::Fatal`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerFailed {
+    /// The worker's global index.
+    pub worker: usize,
+    /// Its error with causes, as one line.
+    pub reason: String,
 }

@@ -15,17 +15,39 @@ use std::time::{Duration, Instant};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
-use timely::dataflow::{InputHandle, ProbeHandle};
+use timely::dataflow::operators::{Exchange, Input};
+use timely::dataflow::{InputHandle, ProbeHandle, Scope, StreamVec};
 use timely::worker::Worker;
 
+use crate::commit::{CommitFeed, CommitReport};
 use crate::metrics::Metrics;
 use crate::novelty::Novelty;
 use crate::record::{Epoch, RowId};
+use crate::storage::listing::{start_listing, ListingError, Pages};
+use crate::storage::{ObjectMeta, ObjectStore};
 
 /// The input of the dataflow: listed objects, stamped with their epoch.
 pub type KeyInput =
     InputHandle<Epoch, timely::container::CapacityContainerBuilder<Vec<ObjectMeta>>>;
-use crate::storage::{ObjectMeta, ObjectStore, StorageError};
+
+/// The source stage's stream: what worker 0 releases into `input`, each object sent on to
+/// the worker that fetches, decodes and embeds it ([`route`]).
+pub fn stream<'s>(
+    scope: Scope<'s, Epoch>,
+    input: &mut KeyInput,
+) -> StreamVec<'s, Epoch, ObjectMeta> {
+    scope
+        .input_from(input)
+        .container::<Vec<ObjectMeta>>()
+        .exchange(|o: &ObjectMeta| route(&o.key))
+}
+
+/// Which worker handles `key`: XXH3-64 (seed 0) of the key's UTF-8 bytes, a fixed and
+/// published algorithm, so that processes built by different compilers or versions agree
+/// (std's `DefaultHasher` promises no such thing).
+pub fn route(key: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
+}
 
 /// How keys are grouped into epochs and how many epochs may be unfinished at once.
 #[derive(Clone, Debug)]
@@ -121,118 +143,6 @@ pub struct SourceStats {
     pub interrupted: bool,
 }
 
-/// Why a listing did not reach its end.
-#[derive(Debug, thiserror::Error)]
-pub enum ListingError {
-    /// The store refused a page.
-    #[error("listing {location}, page {page}{}: {source}", after_key(.after))]
-    Page {
-        /// The input.
-        location: String,
-        /// Which page (1 for the first).
-        page: u64,
-        /// The last key of the page before (`None` on the first page).
-        after: Option<String>,
-        /// The store's error.
-        #[source]
-        source: StorageError,
-    },
-    /// The listing task panicked: the listing is incomplete.
-    #[error(
-        "listing {location}, page {page}{}: the listing task panicked: {message}",
-        after_key(.after)
-    )]
-    Panicked {
-        /// The input.
-        location: String,
-        /// The page being listed.
-        page: u64,
-        /// The last key listed before it.
-        after: Option<String>,
-        /// The panic's message.
-        message: String,
-    },
-}
-
-fn after_key(after: &Option<String>) -> String {
-    after
-        .as_ref()
-        .map_or_else(String::new, |k| format!(" (after {k})"))
-}
-
-/// Pages of a listing as they arrive; the channel closes after the last page or an error.
-pub type Pages = tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, ListingError>>;
-
-/// Starts listing `prefix` of `store` on `runtime`; pages arrive on the returned channel.
-/// A listing ends with its last page or with an error naming the page that failed; a panic
-/// of the listing task is such an error too, never a silently shorter listing.
-pub fn start_listing(
-    runtime: &tokio::runtime::Handle,
-    store: Arc<dyn ObjectStore>,
-    prefix: String,
-    page_size: usize,
-) -> Pages {
-    // A few pages of look-ahead: listing stays ahead of processing without running away.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let location = store.location();
-    // Where the listing is (page, last key listed), for the message of a panic.
-    let progress: Arc<std::sync::Mutex<(u64, Option<String>)>> = Arc::default();
-    let at = progress.clone();
-    let pages = tx.clone();
-    let task = runtime.spawn(async move {
-        let mut token = None;
-        for page in 1.. {
-            let after = {
-                let mut at = at.lock().unwrap_or_else(|e| e.into_inner());
-                at.0 = page;
-                at.1.clone()
-            };
-            match store.list_page(&prefix, token, page_size).await {
-                Ok(listed) => {
-                    if let Some(last) = listed.objects.last() {
-                        at.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(last.key.clone());
-                    }
-                    if pages.send(Ok(listed.objects)).await.is_err() {
-                        return; // the source stopped listening
-                    }
-                    match listed.next {
-                        Some(next) => token = Some(next),
-                        None => return,
-                    }
-                }
-                Err(source) => {
-                    let _ = pages
-                        .send(Err(ListingError::Page {
-                            location: store.location(),
-                            page,
-                            after,
-                            source,
-                        }))
-                        .await;
-                    return;
-                }
-            }
-        }
-    });
-    runtime.spawn(async move {
-        if let Err(e) = task.await {
-            if let Ok(payload) = e.try_into_panic() {
-                let (page, after) = progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let message = crate::operators::panic_message(payload.as_ref());
-                let _ = tx
-                    .send(Err(ListingError::Panicked {
-                        location,
-                        page,
-                        after,
-                        message,
-                    }))
-                    .await;
-            }
-        }
-    });
-    rx
-}
-
 /// When a run lists: once, or every `poll_interval` until stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
@@ -246,19 +156,16 @@ pub enum Mode {
     },
 }
 
-/// What the commit stage tells the source about one committed epoch.
-#[derive(Clone, Debug)]
-pub struct CommitReport {
-    /// The epoch.
-    pub epoch: Epoch,
-    /// Its embedding rows (for the per-label counts).
-    pub rows: Vec<RowId>,
-    /// Its failed reads (for watch mode to list again).
-    pub failed_reads: Vec<RowId>,
+/// What this run committed, as the commit stage reported it to the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommittedCounts {
+    /// Embedding rows.
+    pub rows: u64,
+    /// Error records.
+    pub errors: u64,
+    /// Epochs.
+    pub epochs: u64,
 }
-
-/// Committed epochs reported by the commit stage to the driver, oldest first.
-pub type CommitQueue = Arc<std::sync::Mutex<Vec<CommitReport>>>;
 
 /// How many times watch mode reads one object version again after a failed read, at the
 /// following polls (a restart tries again in any case).
@@ -270,12 +177,14 @@ pub struct Driver {
     input: Option<KeyInput>,
     probe: ProbeHandle<Epoch>,
     novelty: Novelty,
-    commits: CommitQueue,
+    commits: CommitFeed,
     policy: EpochPolicy,
     filter: KeyFilter,
     metrics: Arc<Metrics>,
     /// What the source saw.
     pub stats: SourceStats,
+    /// What the commit stage reported committed.
+    pub committed: CommittedCounts,
     keys: usize,
     bytes: u64,
     opened: Option<Instant>,
@@ -296,7 +205,7 @@ impl Driver {
         input: KeyInput,
         probe: ProbeHandle<Epoch>,
         novelty: Novelty,
-        commits: CommitQueue,
+        commits: CommitFeed,
         policy: EpochPolicy,
         filter: KeyFilter,
         metrics: Arc<Metrics>,
@@ -310,6 +219,7 @@ impl Driver {
             filter,
             metrics,
             stats: SourceStats::default(),
+            committed: CommittedCounts::default(),
             keys: 0,
             bytes: 0,
             opened: None,
@@ -450,10 +360,13 @@ impl Driver {
 
     /// Feeds committed rows to the per-label counts and refreshes the run-wide gauges.
     pub fn housekeeping(&mut self, worker: &mut Worker) {
-        let committed: Vec<CommitReport> =
-            std::mem::take(&mut *self.commits.lock().unwrap_or_else(|e| e.into_inner()));
+        let committed: Vec<CommitReport> = self.commits.drain().collect();
         for report in committed {
-            self.novelty.add_rows(report.epoch, report.rows);
+            let m = &report.manifest;
+            self.committed.rows += m.rows;
+            self.committed.errors += m.errors;
+            self.committed.epochs += 1;
+            self.novelty.add_rows(m.epoch, report.rows);
             if self.retry_failed_reads {
                 self.forget_failed_reads(report.failed_reads);
             }
@@ -524,7 +437,7 @@ impl Driver {
 
     /// Closes the input and steps until every released epoch is committed; returns the
     /// committed rows per label of the whole output.
-    pub fn finish(mut self, worker: &mut Worker) -> BTreeMap<String, u64> {
+    pub fn finish(&mut self, worker: &mut Worker) -> BTreeMap<String, u64> {
         self.close_epoch(worker);
         self.input.take();
         while !self.probe.done() {
@@ -545,107 +458,18 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::ListPage;
-    use bytes::Bytes;
-    use std::path::{Path, PathBuf};
-
-    /// A store whose listing gives one page, then panics (or fails) on the second.
-    #[derive(Debug)]
-    struct BrokenListing {
-        panic: bool,
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for BrokenListing {
-        fn location(&self) -> String {
-            "broken://in".into()
-        }
-        async fn list_page(
-            &self,
-            _prefix: &str,
-            token: Option<String>,
-            _limit: usize,
-        ) -> Result<ListPage, StorageError> {
-            match token {
-                None => Ok(ListPage {
-                    objects: vec![ObjectMeta {
-                        key: "a/1.jpg".into(),
-                        size: 1,
-                        etag: "e".into(),
-                    }],
-                    next: Some("t".into()),
-                }),
-                Some(_) if self.panic => panic!("listing bug"),
-                Some(_) => Err(StorageError::Remote {
-                    key: self.location(),
-                    reason: "AccessDenied".into(),
-                }),
-            }
-        }
-        async fn get(&self, _: &str) -> Result<Bytes, StorageError> {
-            unimplemented!()
-        }
-        async fn get_version(&self, _: &str, _: &str) -> Result<Bytes, StorageError> {
-            unimplemented!()
-        }
-        async fn put(&self, _: &str, _: Bytes) -> Result<(), StorageError> {
-            unimplemented!()
-        }
-        async fn put_new(&self, _: &str, _: Bytes) -> Result<String, StorageError> {
-            unimplemented!()
-        }
-        async fn put_if_match(&self, _: &str, _: Bytes, _: &str) -> Result<String, StorageError> {
-            unimplemented!()
-        }
-        async fn get_tagged(&self, _: &str) -> Result<(Bytes, String), StorageError> {
-            unimplemented!()
-        }
-        async fn put_file(&self, _: &str, _: &Path) -> Result<(), StorageError> {
-            unimplemented!()
-        }
-        async fn delete(&self, _: &str) -> Result<(), StorageError> {
-            unimplemented!()
-        }
-        async fn remove_partial_writes(&self) -> Result<usize, StorageError> {
-            Ok(0)
-        }
-        fn staging_dir(&self) -> PathBuf {
-            std::env::temp_dir()
-        }
-    }
-
-    /// A listing that breaks mid-way ends with an error naming the page, never with a
-    /// closed channel that looks like the end of the input.
-    #[test]
-    fn a_listing_that_panics_or_fails_mid_way_is_an_error_naming_the_page() {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        for panic in [true, false] {
-            let store: Arc<dyn ObjectStore> = Arc::new(BrokenListing { panic });
-            let mut pages = start_listing(runtime.handle(), store, String::new(), 10);
-            let first = pages.blocking_recv().unwrap().unwrap();
-            assert_eq!(first.len(), 1);
-            let err = pages
-                .blocking_recv()
-                .expect("an error, not the end of the listing")
-                .unwrap_err();
-            let text = err.to_string();
-            assert!(
-                text.contains("listing broken://in, page 2 (after a/1.jpg)"),
-                "{text}"
-            );
-            let cause = if panic {
-                "panicked: listing bug"
-            } else {
-                "AccessDenied"
-            };
-            assert!(text.contains(cause), "{text}");
-            assert!(pages.blocking_recv().is_none());
-        }
-    }
 
     fn f(include: &[&str], exclude: &[&str]) -> KeyFilter {
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         KeyFilter::new(&v(include), &v(exclude)).unwrap()
+    }
+
+    /// The route is XXH3-64 as published (values computed with the reference implementation
+    /// through Python's `xxhash` package), so any two builds send a key to the same worker.
+    #[test]
+    fn route_is_the_published_xxh3_of_the_key() {
+        assert_eq!(route(""), 0x2d06_8005_38d3_94c2);
+        assert_eq!(route("Training/apple/r_1_100.jpg"), 0x2773_1901_f195_98da);
     }
 
     #[test]

@@ -284,6 +284,25 @@ fn demo_makes_a_labelled_set_and_featurizes_it() {
         stdout.contains("nearest-centroid accuracy on Test (8 images"),
         "{stdout}"
     );
+    // The split comes from the folder names given, not from hard-coded ones.
+    let output = dir.path().join("output");
+    let swapped = succeeds(
+        verger()
+            .arg("inspect")
+            .arg(&output)
+            .args(["--train", "Test", "--test", "Training"]),
+    );
+    assert!(
+        swapped.contains("nearest-centroid accuracy on Training (24 images, centroids from Test)"),
+        "{swapped}"
+    );
+    let absent = succeeds(
+        verger()
+            .arg("inspect")
+            .arg(&output)
+            .args(["--train", "train", "--test", "val"]),
+    );
+    assert!(!absent.contains("nearest-centroid"), "{absent}");
 }
 
 #[test]

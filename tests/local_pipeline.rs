@@ -114,7 +114,7 @@ fn rerun_adds_nothing_and_a_lost_manifest_is_redone_exactly() {
 
     // Lose the commit of epoch 2: its files become leftovers, its keys uncommitted.
     let manifest_path = copy.join("_manifest/0000000002.json");
-    let manifest: verger::sink::manifest::Manifest =
+    let manifest: verger::commit::Manifest =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     std::fs::remove_file(&manifest_path).unwrap();
     assert_eq!(
@@ -150,7 +150,7 @@ fn rerun_adds_nothing_and_a_lost_manifest_is_redone_exactly() {
 fn read_manifests(out: &std::path::Path) -> HashSet<String> {
     let mut files = HashSet::new();
     for entry in std::fs::read_dir(out.join("_manifest")).unwrap() {
-        let m: verger::sink::manifest::Manifest =
+        let m: verger::commit::Manifest =
             serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
         files.extend(m.files.into_iter().map(|f| f.key));
     }
@@ -163,7 +163,7 @@ fn manifests_count_the_rows_of_their_files() {
     let mut per_file: HashMap<String, u64> = HashMap::new();
     let mut total = 0;
     for entry in std::fs::read_dir(out.join("_manifest")).unwrap() {
-        let m: verger::sink::manifest::Manifest =
+        let m: verger::commit::Manifest =
             serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
         assert_eq!(m.rows, m.files.iter().map(|f| f.rows).sum::<u64>());
         assert!(m.files.len() <= 2, "one data file per worker per epoch");
@@ -187,7 +187,7 @@ fn every_row_carries_the_epoch_of_its_manifest() {
     let store = verger::storage::local::LocalStore::open(out, false).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let committed = rt
-        .block_on(verger::sink::manifest::Committed::load(&store))
+        .block_on(verger::commit::Committed::load(&store))
         .unwrap();
     let mut rows = 0;
     for manifest in &committed.manifests {

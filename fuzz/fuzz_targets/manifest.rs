@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use verger::sink::manifest::Manifest;
+use verger::commit::Manifest;
 
 fuzz_target!(|data: &[u8]| {
     let key = Manifest::key_for(0);

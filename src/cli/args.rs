@@ -61,7 +61,30 @@ pub enum Command {
         output: String,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        splits: SplitArgs,
     },
+}
+
+/// Which folders name the training and test halves of a labelled set.
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    /// Keys with a folder of this name are training rows (nearest-centroid check).
+    #[arg(long = "train", default_value = "Training", value_name = "FOLDER")]
+    pub train: String,
+    /// Keys with a folder of this name are test rows.
+    #[arg(long = "test", default_value = "Test", value_name = "FOLDER")]
+    pub test: String,
+}
+
+impl SplitArgs {
+    /// As the library takes them.
+    pub fn splits(&self) -> verger::evaluate::Splits {
+        verger::evaluate::Splits {
+            train: self.train.clone(),
+            test: self.test.clone(),
+        }
+    }
 }
 
 /// `verger model ...`.
@@ -102,8 +125,9 @@ pub struct EngineArgs {
     /// Most epochs released but not committed at once (backpressure).
     #[arg(long, default_value_t = EpochPolicy::default().max_epochs_in_flight, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_epochs_in_flight: u64,
-    /// Images per forward pass; also the decoded images in flight per worker. Small batches
-    /// measured fastest on CPU here (cache-resident activations) and use the least memory.
+    /// Pictures handed to the network per call (the CPU kernels then run them one at a time);
+    /// also the decoded pictures in flight per worker. Small batches measured fastest on CPU
+    /// here (cache-resident activations) and use the least memory.
     #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Concurrent object reads (GETs) per worker.
@@ -271,7 +295,7 @@ pub struct BenchArgs {
     /// Working directory for the replicated input and the outputs [default: a temporary one].
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Images per forward pass.
+    /// Pictures per call of the network (see `verger run --help`).
     #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub batch_size: usize,
     #[command(flatten)]

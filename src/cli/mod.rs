@@ -1,6 +1,11 @@
-//! The `verger` command line: its grammar ([`args`]), what each subcommand does
-//! ([`commands`]) and the progress bar ([`progress`]). Thin: the work is in the library.
+//! The `verger` command line: its grammar ([`args`]) and one module per subcommand. Thin: the
+//! work is in the library.
 
 pub mod args;
-pub mod commands;
+pub mod bench;
+pub mod demo;
+pub mod inspect;
+pub mod model;
 pub mod progress;
+pub mod run;
+pub mod tuning;

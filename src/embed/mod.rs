@@ -16,6 +16,8 @@ pub mod efficientnet;
 pub mod extension;
 pub mod import;
 pub mod kernels;
+pub mod stage;
+pub use stage::stage;
 pub mod weights_file;
 
 use crate::decode::normalise_interleaved_into;
@@ -26,7 +28,7 @@ use serde::Deserialize;
 use std::path::Path;
 
 /// Width of the feature vector: channels of the head convolution.
-pub const FEATURE_DIM: usize = 1280;
+pub use crate::record::FEATURE_DIM;
 
 /// A model descriptor from `models/`: where its weights come from and what input it expects.
 #[derive(Clone, Debug, Deserialize)]
@@ -45,8 +47,6 @@ pub struct ModelSpec {
     pub sha256: String,
     /// Square input side in pixels.
     pub input_size: u32,
-    /// Width of the embedding.
-    pub feature_dim: usize,
     /// Per-channel mean (RGB) for normalisation.
     pub mean: [f32; 3],
     /// Per-channel standard deviation (RGB).
@@ -164,13 +164,13 @@ impl Embedder {
         Tensor::<4>::from_data(nhwc, &self.device).permute([0, 3, 1, 2])
     }
 
-    /// Embeds a batch of RGB8 images of `input_size`² pixels: one `feature_dim` row each.
+    /// Embeds a batch of RGB8 images of `input_size`² pixels: one [`FEATURE_DIM`] row each.
     pub fn embed(&self, images: &[&[u8]]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
         let features = self.model.features(self.batch_tensor(images));
-        rows(features, self.spec.feature_dim)
+        rows(features, FEATURE_DIM)
     }
 
     /// Per-layer timings of one forward pass over `rgb` ([`EfficientNet::layer_times`]).

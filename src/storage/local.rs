@@ -1,6 +1,6 @@
 //! A local directory as an object store: the embedded default.
 //!
-//! Listing walks the tree in key order and resumes after a token without re-reading what was
+//! Listing walks the tree in [`key_order`] (component by component) and resumes after a token without re-reading what was
 //! already listed, so a folder of millions of files streams page by page. Writes go to a
 //! hidden temporary name in the same directory and are renamed into place (atomic on POSIX).
 
@@ -130,7 +130,7 @@ fn dir_id(meta: &std::fs::Metadata) -> DirId {
     (meta.dev(), meta.ino())
 }
 
-/// Depth-first walk in key order, skipping whole directories that lie before `after`.
+/// Depth-first walk in [`key_order`], skipping whole directories that lie before `after`.
 /// Symbolic links are followed, to files and to directories alike, under the link's own
 /// key; a link to one of its own ancestor directories (a loop) and a dangling link are
 /// reported and left out.

@@ -4,6 +4,7 @@
 //! default: no cloud needed) and an S3 one (`s3://bucket/prefix`). Keys are `/`-separated paths relative to the store's root
 //! (`Training/Apple Red 1/r_3_100.jpg`), whatever the backing store.
 
+pub mod listing;
 pub mod local;
 pub mod s3;
 
@@ -147,7 +148,8 @@ pub struct ObjectMeta {
 /// One page of a listing; `next` continues it.
 #[derive(Clone, Debug, Default)]
 pub struct ListPage {
-    /// Objects of this page, in key order.
+    /// Objects of this page, in the store's listing order: ascending UTF-8 bytes of the keys
+    /// on S3, component by component ([`key_order`]) for a local directory.
     pub objects: Vec<ObjectMeta>,
     /// Token for the next page, `None` at the end.
     pub next: Option<String>,

@@ -143,7 +143,7 @@ pub async fn assert_clean_output(client: &Client, bucket: &str, prefix: &str) {
             .await
             .unwrap();
         let bytes = body.body.collect().await.unwrap().into_bytes();
-        let m: verger::sink::manifest::Manifest = serde_json::from_slice(&bytes).unwrap();
+        let m: verger::commit::Manifest = serde_json::from_slice(&bytes).unwrap();
         listed.extend(m.files.into_iter().map(|f| format!("{prefix}{}", f.key)));
     }
     for key in &keys {

@@ -1,28 +1,37 @@
-//! The commit protocol: one manifest per epoch, written once every worker has finished it.
+//! What the commit protocol writes and reads: the names of the output's files, one manifest
+//! per epoch, and what earlier runs committed.
 //!
 //! A manifest lists the epoch's files with their row counts. What it lists is committed; any
 //! file under `data/` or `errors/` that no manifest lists is a leftover of an epoch that did
 //! not commit (a crash, a kill), and is deleted when the next run starts, whose listing then
 //! processes those keys again. So committed epochs are never redone and uncommitted ones are
-//! redone until they commit. Only the holder of the output's lease ([`super::lease`]) cleans up
+//! redone until they commit. Only the holder of the output's lease ([`crate::sink::lease`]) cleans up
 //! or commits, and a manifest is created only if its epoch has none: two writers never
 //! destroy each other's work.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
-use timely::dataflow::StreamVec;
 
-use super::{reader, SinkError};
-use crate::record::{Epoch, FileKind, Published, RowId, Stage, WrittenFile};
+pub use crate::error::CommitError;
+use crate::record::{Epoch, FileKind, RowId, Stage, WrittenFile};
 use crate::storage::{check_key, list_all, ObjectStore, StorageError};
+use crate::table;
 
 /// Prefix of manifests in the output store.
 pub const MANIFEST_PREFIX: &str = "_manifest/";
+
+/// Key of the file that `worker` of `run` writes for `epoch` into table `kind`:
+/// `data/e<epoch>-w<worker>-<run>.parquet` or `errors/…`. The run id keeps it apart from any
+/// leftover of an earlier run; the epoch and worker, from every other file of this run.
+pub fn file_key(kind: FileKind, epoch: Epoch, worker: usize, run: &str) -> String {
+    let dir = match kind {
+        FileKind::Data => "data",
+        FileKind::Errors => "errors",
+    };
+    format!("{dir}/e{epoch:010}-w{worker:04}-{run}.parquet")
+}
 
 /// The commit record of one epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,11 +64,11 @@ impl Manifest {
     /// Writes it to the store, atomically and only if no manifest of this epoch exists: two
     /// writers can never overwrite each other's commit. Finding this very manifest already
     /// there (a retried request whose first attempt did land) is success.
-    pub async fn write(&self, store: &dyn ObjectStore) -> Result<(), SinkError> {
+    pub async fn write(&self, store: &dyn ObjectStore) -> Result<(), CommitError> {
         let key = self.key();
-        let json = serde_json::to_vec_pretty(self).map_err(|e| SinkError::Manifest {
+        let json = serde_json::to_vec_pretty(self).map_err(|source| CommitError::Json {
             key: key.clone(),
-            reason: e.to_string(),
+            source,
         })?;
         match store.put_new(&key, Bytes::from(json)).await {
             Ok(_) => Ok(()),
@@ -68,13 +77,9 @@ impl Manifest {
                 if there == *self {
                     Ok(())
                 } else {
-                    Err(SinkError::Manifest {
-                        key,
-                        reason: format!(
-                            "epoch {} was already committed by run {}: another writer on this \
-                             output",
-                            self.epoch, there.run
-                        ),
+                    Err(CommitError::AlreadyCommitted {
+                        epoch: self.epoch,
+                        run: there.run,
                     })
                 }
             }
@@ -85,12 +90,16 @@ impl Manifest {
     /// Reads the manifest stored under `key`, refusing one that does not describe that epoch
     /// or lists a file outside `data/` and `errors/` (a manifest is data from storage: a
     /// hand-edited one must not make verger open `../../etc/passwd`).
-    pub fn parse(key: &str, bytes: &[u8]) -> Result<Self, SinkError> {
-        let bad = |reason: String| SinkError::Manifest {
+    pub fn parse(key: &str, bytes: &[u8]) -> Result<Self, CommitError> {
+        let bad = |reason: String| CommitError::Invalid {
             key: key.to_string(),
             reason,
         };
-        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|source| CommitError::Json {
+                key: key.to_string(),
+                source,
+            })?;
         if manifest.key() != key {
             return Err(bad(format!(
                 "it describes epoch {}, whose manifest is {}",
@@ -141,7 +150,7 @@ pub struct Committed {
 impl Committed {
     /// Reads every manifest and the key, version and label (or stage) of every committed
     /// row and error record.
-    pub async fn load(store: &dyn ObjectStore) -> Result<Self, SinkError> {
+    pub async fn load(store: &dyn ObjectStore) -> Result<Self, CommitError> {
         let mut keys_of_manifests = Vec::new();
         list_all(store, MANIFEST_PREFIX, 1000, |page| {
             keys_of_manifests.extend(
@@ -161,7 +170,7 @@ impl Committed {
         let (mut handled, mut rows) = (Vec::new(), Vec::new());
         for manifest in &manifests {
             for file in &manifest.files {
-                for entry in reader::read_index(store, &file.key, file.kind).await? {
+                for entry in table::read_index(store, &file.key, file.kind).await? {
                     if entry.stage != Some(Stage::Fetch) {
                         handled.push((entry.row.key.clone(), entry.row.etag.clone()));
                     }
@@ -196,7 +205,7 @@ impl Committed {
     /// partial writes (multipart uploads left open, hidden temporary files) and the output's
     /// local staging folder. Only the holder of the output's lease may call it. Returns how
     /// many objects, uploads and temporary files were removed.
-    pub async fn remove_uncommitted(&self, store: &dyn ObjectStore) -> Result<usize, SinkError> {
+    pub async fn remove_uncommitted(&self, store: &dyn ObjectStore) -> Result<usize, CommitError> {
         let committed = self.files();
         let mut doomed = Vec::new();
         for prefix in ["data/", "errors/"] {
@@ -222,85 +231,6 @@ impl Committed {
         }
         Ok(doomed.len() + partial)
     }
-}
-
-/// An epoch being gathered: its capability, the files written, the failures reported.
-type Gathering = (Capability<Epoch>, Vec<Published>, Vec<String>);
-
-/// Gathers, on one worker, the files every worker wrote for an epoch, and emits the epoch's
-/// manifest once the frontier shows the epoch finished everywhere. An epoch in which any
-/// file failed to be written is not committed: its reason is emitted instead.
-pub fn gather_epochs<'s>(
-    files: StreamVec<'s, Epoch, Result<Published, String>>,
-    run: String,
-    model: String,
-) -> StreamVec<'s, Epoch, Result<CommittedEpoch, String>> {
-    files.unary_frontier(Pipeline, "GatherEpoch", move |initial, _info| {
-        drop(initial);
-        let mut pending: BTreeMap<Epoch, Gathering> = BTreeMap::new();
-        move |(input, frontier), output| {
-            let port = output.output_index();
-            input.for_each_stamp(|cap, data| {
-                let Some(&t) = cap.least() else { return };
-                let (_, files, failures) = pending.entry(t).or_insert_with(|| {
-                    (
-                        cap.retain_least(port).expect("input time"),
-                        Vec::new(),
-                        Vec::new(),
-                    )
-                });
-                for batch in data {
-                    for file in batch.drain(..) {
-                        match file {
-                            Ok(f) => files.push(f),
-                            Err(e) => failures.push(e),
-                        }
-                    }
-                }
-            });
-            while let Some((&t, _)) = pending.first_key_value() {
-                if frontier.less_equal(&t) {
-                    break;
-                }
-                let (cap, published, failures) = pending.remove(&t).expect("first key");
-                let result = if failures.is_empty() {
-                    let mut files = Vec::with_capacity(published.len());
-                    let (mut rows, mut failed_reads) = (Vec::new(), Vec::new());
-                    for p in published {
-                        match p.file.kind {
-                            FileKind::Data => rows.extend(p.rows),
-                            FileKind::Errors => failed_reads.extend(p.rows),
-                        }
-                        files.push(p.file);
-                    }
-                    files.sort_by(|a, b| a.key.cmp(&b.key));
-                    let count = |kind| {
-                        files
-                            .iter()
-                            .filter(|f| f.kind == kind)
-                            .map(|f| f.rows)
-                            .sum()
-                    };
-                    let manifest = Manifest {
-                        epoch: t,
-                        run: run.clone(),
-                        model: model.clone(),
-                        rows: count(FileKind::Data),
-                        errors: count(FileKind::Errors),
-                        files,
-                    };
-                    Ok(CommittedEpoch {
-                        manifest,
-                        rows,
-                        failed_reads,
-                    })
-                } else {
-                    Err(format!("epoch {t} not committed: {}", failures.join("; ")))
-                };
-                output.session(&cap).give(result);
-            }
-        }
-    })
 }
 
 #[cfg(test)]

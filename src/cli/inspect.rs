@@ -1,0 +1,60 @@
+//! `verger inspect`: what an output holds, read through its manifests.
+
+use std::io::Write;
+
+use anyhow::Result;
+use verger::evaluate::Splits;
+
+use super::args::StoreArgs;
+
+/// `verger inspect`: counts, labels, the first errors, and a nearest-centroid check when the
+/// output has keys of both `splits`.
+pub fn inspect(
+    out: &mut dyn Write,
+    output: &str,
+    store: &StoreArgs,
+    splits: &Splits,
+) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let store = runtime
+        .block_on(verger::storage::open(output, false, &store.options()))
+        .map_err(|e| e.on_side("output"))?;
+    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    let latest: Vec<_> = table.latest_rows().into_iter().cloned().collect();
+    let errors = table.current_errors();
+    writeln!(
+        out,
+        "{output}: {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records ({} superseded by a successful retry)",
+        table.epochs,
+        table.rows.len(),
+        latest.len(),
+        table.rows.len() - latest.len(),
+        errors.len(),
+        table.errors.len() - errors.len()
+    )?;
+    for (label, n) in verger::evaluate::label_counts(&latest) {
+        writeln!(out, "  {n:>7}  {label}")?;
+    }
+    for e in errors.iter().take(20) {
+        writeln!(
+            out,
+            "  error  {} [{}] {}",
+            e.key,
+            e.stage.as_str(),
+            e.reason
+        )?;
+    }
+    let rows: Vec<_> = latest.iter().collect();
+    let (train, test) = splits.partition(&rows);
+    if !train.is_empty() && !test.is_empty() {
+        let (acc, n) = verger::evaluate::nearest_centroid_accuracy(&train, &test);
+        writeln!(
+            out,
+            "nearest-centroid accuracy on {} ({n} images, centroids from {}): {:.1}%",
+            splits.test,
+            splits.train,
+            acc * 100.0
+        )?;
+    }
+    Ok(())
+}

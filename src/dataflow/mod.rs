@@ -1,0 +1,164 @@
+//! The whole pipeline as one timely dataflow: each stage's operator is built in the module
+//! named after the stage, and `worker` below wires them, in order.
+//!
+//! ```text
+//! worker 0: source::stream ──exchange(route(key))──▶ fetch::stage (async reads, gated)
+//!   ──▶ decode::stage (decode + resize + label, paced) ──▶ embed::stage (batches)
+//!   ──▶ sink::stage (Parquet per worker per epoch, then publish) ──exchange(worker 0)──▶
+//!   commit::stage (gather the epoch, write its manifest) ──▶ probe ─┐
+//!   ▲                                                                │
+//!   └── the source releases a new epoch only while few are unfinished┘  (CommitFeed: what committed)
+//! ```
+//!
+//! Around it (`job.rs`): process 0 takes the output's lease ([`crate::sink::lease::Lease`]),
+//! then removes what uncommitted epochs left; the first failure of any stage goes to one
+//! [`crate::error::Fatal`] slot, after which the stages drop their work and the run fails with
+//! that error.
+
+mod job;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use timely::dataflow::operators::Probe;
+use timely::dataflow::{InputHandle, ProbeHandle};
+use timely::worker::Worker;
+
+pub use job::{nested_prefix, InputLimits, RunConfig, RunError, Summary};
+use job::{Job, WorkerReport};
+
+use crate::commit::{self, CommitSettings};
+use crate::embed::{self, Embedder};
+use crate::novelty::Novelty;
+use crate::operators::Gate;
+use crate::record::Epoch;
+use crate::sink::{self, writer::Naming};
+use crate::source::{self, Driver, KeyInput};
+use crate::{decode, fetch};
+
+/// Featurizes every image of `config.input` not yet committed in `config.output`.
+///
+/// Process 0 first takes the output's lease: a second run on the same output fails at once
+/// naming the holder, before it deletes or writes anything.
+pub fn run(config: &RunConfig, embedder: &Embedder) -> Result<Summary, RunError> {
+    run_loading(config, || Ok(embedder.clone()))
+}
+
+/// [`run`], loading the network with `load` only once input and output are open: a wrong
+/// location, missing credentials or an unreachable store fail before seconds of model loading
+/// (or a weights download).
+pub fn run_loading(
+    config: &RunConfig,
+    load: impl FnOnce() -> Result<Embedder, Box<dyn std::error::Error + Send + Sync>>,
+) -> Result<Summary, RunError> {
+    job::prepare_and_run(config, load, |job| {
+        let guards = timely::execute(job::timely_config(&job.config), move |w| worker(w, &job))
+            .map_err(RunError::Timely)?;
+        guards
+            .join()
+            .into_iter()
+            .map(|r| r.map_err(RunError::Worker))
+            .collect()
+    })
+}
+
+/// One worker's share of the run: builds the dataflow, then, on worker 0, drives the source
+/// until the input is done; other workers step until every epoch is committed.
+fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
+    if let Some(watchdog) = &job.watchdog {
+        watchdog.disarm(); // every process is connected: timely runs the workers
+    }
+    let (config, ctx) = (&job.config, &job.context);
+    let naming = Arc::new(Naming {
+        staging: job.staging.clone(),
+        worker: worker.index(),
+        run: job.run_id.clone(),
+        model: job.embedder.spec().name.clone(),
+    });
+    let (reports, feed) = commit::channel();
+    let mut keys: KeyInput = InputHandle::new();
+    let probe: ProbeHandle<Epoch> = ProbeHandle::new();
+
+    worker.dataflow::<Epoch, _, _>(|scope| {
+        let limits = config.limits;
+        let side = job.embedder.spec().input_size;
+        // Fetched-but-undecoded objects per worker: the reads in flight plus as many again.
+        let gate = Gate::new(2 * config.fetch_concurrency);
+
+        let objects = source::stream(scope, &mut keys);
+        let fetched = fetch::stage(
+            objects,
+            ctx,
+            job.input.clone(),
+            limits.max_object_bytes,
+            config.fetch_concurrency,
+            gate.clone(),
+        );
+        let labelled = decode::stage(
+            fetched,
+            ctx,
+            side,
+            limits.max_pixels,
+            config.batch_size,
+            gate,
+        );
+        let outcomes = embed::stage(labelled, ctx, job.embedder.clone(), config.batch_size);
+        let published = sink::stage(outcomes, ctx, naming.clone(), job.output.clone());
+        let settings = CommitSettings {
+            store: job.output.clone(),
+            run: job.run_id.clone(),
+            model: naming.model.clone(),
+            lease_lost: job.lease_lost.clone(),
+            reports,
+        };
+        commit::stage(published, ctx, settings).probe_with(&probe);
+    });
+
+    keys.advance_to(job.first_epoch);
+    let mut novelty = Novelty::build(worker, ctx.metrics.clone());
+    if worker.index() != 0 {
+        drop((keys, novelty, feed));
+        while !probe.done() {
+            worker.step_or_park(Some(Duration::from_millis(50)));
+        }
+        return None;
+    }
+    let seed = job.committed.lock().expect("committed lock").take();
+    if let Some(seed) = seed {
+        novelty.add_handled(seed.handled);
+        for (epoch, row) in seed.rows {
+            novelty.add_rows(epoch, [row]);
+        }
+    }
+    let mut driver = Driver::new(
+        keys,
+        probe,
+        novelty,
+        feed,
+        config.epochs.clone(),
+        config.filter.clone(),
+        ctx.metrics.clone(),
+    );
+    let stop = || ctx.fatal.is_set() || config.stop.load(Ordering::Relaxed);
+    let listed = driver.drive(
+        worker,
+        &ctx.runtime,
+        &job.input,
+        &config.prefix,
+        config.mode,
+        &stop,
+    );
+    if let Err(e) = listed {
+        ctx.fatal.set(e.into());
+    }
+    if config.stop.load(Ordering::Relaxed) {
+        tracing::warn!("stop requested: finishing the epochs in flight");
+    }
+    let labels = driver.finish(worker);
+    Some(WorkerReport {
+        source: driver.stats.clone(),
+        committed: driver.committed,
+        labels,
+    })
+}
