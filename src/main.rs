@@ -88,6 +88,10 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
             writeln!(out, "{}", path.display())?;
             Ok(Ending::Done)
         }
+        Command::Model(ModelCommand::List { model_dir }) => {
+            cli::model::list(out, model_dir.as_deref())?;
+            Ok(Ending::Done)
+        }
         Command::Bench(args) => cli::bench::bench(out, &args).map(|()| Ending::Done),
         Command::Inspect {
             output,

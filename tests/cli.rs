@@ -258,6 +258,68 @@ fn wrong_weights_file_is_refused_with_its_checksum() {
     assert!(!dir.path().join("out/_manifest").exists());
 }
 
+/// `--model efficientnet-lite2` end to end through the binary: the 40 reference JPEGs,
+/// decoded and resized to 260 px by verger, against PyTorch's Lite2 features. The manifest
+/// records the model and its weights' digest, and a run of another model on that output is
+/// refused, naming both, without writing anything.
+#[test]
+fn lite2_end_to_end_matches_pytorch_and_its_output_refuses_another_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let reference = reference_rows_of("efficientnet_lite2_260.f32");
+    for (path, _) in &reference {
+        let to = input.join(path);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(sample_dir().join(path), to).unwrap();
+    }
+    let out = dir.path().join("out");
+    let lite2 = weights_of("efficientnet-lite2");
+    succeeds(
+        verger()
+            .env("VERGER_WEIGHTS", &lite2)
+            .args(["run", "--model", "efficientnet-lite2", "-w", "2", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&out),
+    );
+    let table = read_output(&out);
+    let rows = by_key(table.rows);
+    let mut cosines = Vec::new();
+    for (path, want) in &reference {
+        let cos = cosine(&rows[path].embedding, want);
+        assert!(cos >= 0.98, "{path}: cosine {cos}");
+        cosines.push(cos);
+    }
+    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+    assert!(mean >= 0.99, "mean cosine {mean}");
+    let spec = verger::embed::ModelSpec::named("efficientnet-lite2").unwrap();
+    let manifest: verger::commit::Manifest =
+        serde_json::from_slice(&std::fs::read(out.join("_manifest/0000000000.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest.model, "efficientnet-lite2");
+    assert_eq!(manifest.weights_sha256, spec.sha256);
+
+    let other = verger()
+        .args(["run", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("holds features of efficientnet-lite2 (weights 9656183eaeaf)")
+            && stderr.contains("this run computes efficientnet-lite0 (weights 579344248a93)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        files_under(&out.join("_manifest")).len(),
+        1,
+        "nothing committed"
+    );
+}
+
 #[test]
 fn unknown_flag_is_a_usage_error() {
     let out = verger().args(["run", "--frobnicate"]).output().unwrap();

@@ -6,7 +6,12 @@ use common::*;
 
 /// The exact 224x224 pixels PyTorch was fed (`reference/resized_224/NN_*.png`), in row order.
 fn reference_pixels() -> Vec<Vec<u8>> {
-    let dir = shared_dir().join("reference/resized_224");
+    reference_pixels_of(224)
+}
+
+/// The exact `side`x`side` pixels PyTorch was fed (`reference/resized_<side>/NN_*.png`).
+fn reference_pixels_of(side: u32) -> Vec<Vec<u8>> {
+    let dir = shared_dir().join(format!("reference/resized_{side}"));
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -19,31 +24,62 @@ fn reference_pixels() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Runs `embedder` over `pixels` in batches of 8 and asserts every row matches PyTorch's
+/// (cosine >= 0.9999, max abs difference <= 1e-3).
+fn assert_matches_reference(
+    what: &str,
+    embedder: &verger::embed::Embedder,
+    pixels: &[Vec<u8>],
+    reference: &[(String, Vec<f32>)],
+) {
+    assert_eq!(pixels.len(), reference.len());
+    let mut rows = Vec::new();
+    for chunk in pixels.chunks(8) {
+        let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+        rows.extend(embedder.embed(&refs).unwrap());
+    }
+    for (i, ((path, want), got)) in reference.iter().zip(&rows).enumerate() {
+        assert_eq!(got.len(), 1280);
+        let cos = cosine(got, want);
+        let diff = max_abs_diff(got, want);
+        assert!(cos >= 0.9999, "{what} row {i} ({path}): cosine {cos}");
+        assert!(diff <= 1e-3, "{what} row {i} ({path}): max abs diff {diff}");
+    }
+}
+
 /// Every backend compiled in, with and without verger's fused kernels, against PyTorch, row by
 /// row.
 #[test]
 fn features_match_pytorch_on_the_same_pixels() {
     use clap::ValueEnum;
     use verger::embed::{Backend, Embedder, ModelSpec};
-    let reference = reference_rows();
-    let pixels = reference_pixels();
-    assert_eq!(pixels.len(), reference.len());
+    let (reference, pixels) = (reference_rows(), reference_pixels());
     for &backend in Backend::value_variants() {
         let embedder = Embedder::load(&ModelSpec::efficientnet_lite0(), &weights(), backend)
             .expect("weights load");
-        let mut rows = Vec::new();
-        for chunk in pixels.chunks(8) {
-            let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
-            rows.extend(embedder.embed(&refs).unwrap());
-        }
-        for (i, ((path, want), got)) in reference.iter().zip(&rows).enumerate() {
-            assert_eq!(got.len(), 1280);
-            let cos = cosine(got, want);
-            let diff = max_abs_diff(got, want);
-            assert!(cos >= 0.9999, "{backend:?} row {i} ({path}): cosine {cos}");
-            assert!(
-                diff <= 1e-3,
-                "{backend:?} row {i} ({path}): max abs diff {diff}"
+        assert_matches_reference(&format!("{backend:?}"), &embedder, &pixels, &reference);
+    }
+}
+
+/// EfficientNet-Lite1 (240 px) and Lite2 (260 px): the same module and kernels, scaled by the
+/// descriptors' multipliers, against PyTorch's features of the same pixels, fused and plain.
+#[test]
+fn lite1_and_lite2_match_pytorch_on_the_same_pixels() {
+    use verger::embed::{Backend, Embedder, ModelSpec};
+    for (name, file) in [
+        ("efficientnet-lite1", "efficientnet_lite1_240.f32"),
+        ("efficientnet-lite2", "efficientnet_lite2_260.f32"),
+    ] {
+        let spec = ModelSpec::named(name).unwrap();
+        let (weights, reference) = (weights_of(name), reference_rows_of(file));
+        let pixels = reference_pixels_of(spec.input_size);
+        for backend in [Backend::Flex, Backend::FlexPlain] {
+            let embedder = Embedder::load(&spec, &weights, backend).expect("weights load");
+            assert_matches_reference(
+                &format!("{name} {backend:?}"),
+                &embedder,
+                &pixels,
+                &reference,
             );
         }
     }

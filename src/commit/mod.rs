@@ -65,6 +65,8 @@ pub struct CommitSettings {
     pub run: String,
     /// The model's name, written into every manifest.
     pub model: String,
+    /// The SHA-256 of its weights, written into every manifest.
+    pub weights_sha256: String,
     /// Set when the output's lease is lost: from then on nothing is committed.
     pub lease_lost: Arc<AtomicBool>,
     /// Where committed epochs are reported.
@@ -83,6 +85,7 @@ pub fn stage<'s>(
         store,
         run,
         model,
+        weights_sha256,
         lease_lost,
         reports,
     } = settings;
@@ -98,7 +101,7 @@ pub fn stage<'s>(
             }
         },
         move |epoch, (files, failed), out| match failed {
-            None => out.push(gather(epoch, files, &run, &model)),
+            None => out.push(gather(epoch, files, &run, (&model, &weights_sha256))),
             Some(WorkerFailed { worker, reason }) => {
                 fatal.set(StageError::Peer {
                     epoch,
@@ -133,7 +136,12 @@ pub fn stage<'s>(
 }
 
 /// The manifest of `epoch` from every worker's published files.
-fn gather(epoch: Epoch, published: Vec<Published>, run: &str, model: &str) -> CommittedEpoch {
+fn gather(
+    epoch: Epoch,
+    published: Vec<Published>,
+    run: &str,
+    (model, weights_sha256): (&str, &str),
+) -> CommittedEpoch {
     let mut files = Vec::with_capacity(published.len());
     let (mut rows, mut failed_reads) = (Vec::new(), Vec::new());
     for p in published {
@@ -155,6 +163,7 @@ fn gather(epoch: Epoch, published: Vec<Published>, run: &str, model: &str) -> Co
         epoch,
         run: run.to_string(),
         model: model.to_string(),
+        weights_sha256: weights_sha256.to_string(),
         rows: count(FileKind::Data),
         errors: count(FileKind::Errors),
         files,

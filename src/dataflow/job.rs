@@ -122,6 +122,21 @@ pub enum RunError {
     /// Another run holds the output.
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// The output holds another model's features.
+    #[error(
+        "the output {output} holds features of {committed} (epoch {epoch}); this run computes \
+         {model}: give it its own output (features of two models are not comparable)"
+    )]
+    OtherModel {
+        /// The output.
+        output: String,
+        /// The model (and weights) of its committed epoch.
+        committed: String,
+        /// Its epoch.
+        epoch: Epoch,
+        /// This run's model (and weights).
+        model: String,
+    },
     /// The output is the input itself.
     #[error("the output {0} is the input directory itself: give the output its own folder")]
     OutputIsInput(String),
@@ -314,6 +329,19 @@ fn resume_and_run(
     let committed = runtime
         .block_on(Committed::load(output.as_ref()))
         .map_err(RunError::Resume)?;
+    let spec = embedder.spec();
+    if let Some(other) = committed.other_model(&spec.name, &spec.sha256) {
+        let described = |model: &str, sha: &str| match sha.get(..12) {
+            Some(short) => format!("{model} (weights {short})"),
+            None => model.to_string(),
+        };
+        return Err(RunError::OtherModel {
+            output: output.location(),
+            committed: described(&other.model, &other.weights_sha256),
+            epoch: other.epoch,
+            model: described(&spec.name, &spec.sha256),
+        });
+    }
     let removed_leftovers = match lease.is_some() {
         true => runtime
             .block_on(committed.remove_uncommitted(output.as_ref()))

@@ -109,6 +109,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             store: job.output.clone(),
             run: job.run_id.clone(),
             model: naming.model.clone(),
+            weights_sha256: job.embedder.spec().sha256.clone(),
             lease_lost: job.lease_lost.clone(),
             reports,
         };

@@ -58,11 +58,57 @@ pub struct EfficientNetConfig {
     pub batch_norm_eps: f64,
 }
 
+/// `channels` times `width`, rounded to the nearest multiple of 8 and never below 90% of the
+/// scaled value (TensorFlow's `round_filters`).
+fn round_channels(channels: usize, width: f64) -> usize {
+    if width == 1.0 {
+        return channels;
+    }
+    let scaled = channels as f64 * width;
+    let rounded = (((scaled + 4.0) as usize) / 8 * 8).max(8);
+    if (rounded as f64) < 0.9 * scaled {
+        rounded + 8
+    } else {
+        rounded
+    }
+}
+
 impl EfficientNetConfig {
     /// EfficientNet-Lite0: `r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24, r2_k5_s22_e6_i24_o40,
     /// r3_k3_s22_e6_i40_o80, r3_k5_s11_e6_i80_o112, r4_k5_s22_e6_i112_o192,
     /// r1_k3_s11_e6_i192_o320`, stem 32, head 1280.
     pub fn lite0() -> Self {
+        Self::lite(1.0, 1.0)
+    }
+
+    /// The EfficientNet-Lite family member with width multiplier `width` and depth multiplier
+    /// `depth` (Lite1: 1.0, 1.1; Lite2: 1.1, 1.2), scaled as TensorFlow's Lite builder does:
+    /// every block's channels times `width`, rounded to a multiple of 8 (never below 90% of
+    /// the scaled value); every stage's repeats times `depth`, rounded up. The stem (32) and
+    /// head (1280) are not scaled, nor are the first stage's input and the first and last
+    /// stages' repeats.
+    pub fn lite(width: f64, depth: f64) -> Self {
+        let channels = |c: usize| round_channels(c, width);
+        let base = Self::lite_base();
+        let last = base.stages.len() - 1;
+        let stages = base
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StageConfig {
+                repeats: match i == 0 || i == last {
+                    true => s.repeats,
+                    false => (s.repeats as f64 * depth).ceil() as usize,
+                },
+                input: if i == 0 { s.input } else { channels(s.input) },
+                output: channels(s.output),
+                ..s.clone()
+            })
+            .collect();
+        Self::new(base.stem_channels, stages, base.head_channels)
+    }
+
+    fn lite_base() -> Self {
         let stage = |repeats, kernel, stride, expand_ratio, input, output| StageConfig {
             repeats,
             kernel,
@@ -453,6 +499,48 @@ mod tests {
     use super::*;
     use burn::module::RunningState;
     use burn::tensor::{Distribution, TensorData};
+
+    /// The scaled stage tables are those of the published Lite1 and Lite2 checkpoints (channels
+    /// and block counts read off their `_blocks.N` tensors).
+    #[test]
+    fn lite_multipliers_give_the_published_stage_tables() {
+        let table = |c: &EfficientNetConfig| -> Vec<(usize, usize, usize)> {
+            c.stages
+                .iter()
+                .map(|s| (s.repeats, s.input, s.output))
+                .collect()
+        };
+        assert_eq!(
+            table(&EfficientNetConfig::lite(1.0, 1.1)),
+            [
+                (1, 32, 16),
+                (3, 16, 24),
+                (3, 24, 40),
+                (4, 40, 80),
+                (4, 80, 112),
+                (5, 112, 192),
+                (1, 192, 320)
+            ]
+        );
+        assert_eq!(
+            table(&EfficientNetConfig::lite(1.1, 1.2)),
+            [
+                (1, 32, 16),
+                (3, 16, 24),
+                (3, 24, 48),
+                (4, 48, 88),
+                (4, 88, 120),
+                (5, 120, 208),
+                (1, 208, 352)
+            ]
+        );
+        let lite2 = EfficientNetConfig::lite(1.1, 1.2);
+        assert_eq!((lite2.stem_channels, lite2.head_channels), (32, 1280));
+        assert_eq!(
+            table(&EfficientNetConfig::lite0()),
+            table(&EfficientNetConfig::lite(1.0, 1.0))
+        );
+    }
 
     fn uniform<const D: usize>(shape: [usize; D], lo: f64, hi: f64) -> Tensor<D> {
         Tensor::random(shape, Distribution::Uniform(lo, hi), &Device::flex())

@@ -53,13 +53,77 @@ pub struct ModelSpec {
     pub std: [f32; 3],
     /// BatchNorm epsilon used in training.
     pub batch_norm_eps: f32,
+    /// Channel multiplier of the EfficientNet-Lite family (Lite0: 1.0).
+    #[serde(default = "one")]
+    pub width_multiplier: f64,
+    /// Repeat multiplier of the EfficientNet-Lite family (Lite0: 1.0).
+    #[serde(default = "one")]
+    pub depth_multiplier: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The descriptors compiled in from `models/`, default first.
+const DESCRIPTORS: [(&str, &str); 3] = [
+    (
+        "efficientnet-lite0",
+        include_str!("../../models/efficientnet_lite0.json"),
+    ),
+    (
+        "efficientnet-lite1",
+        include_str!("../../models/efficientnet_lite1.json"),
+    ),
+    (
+        "efficientnet-lite2",
+        include_str!("../../models/efficientnet_lite2.json"),
+    ),
+];
+
+/// A model name no descriptor has.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown model `{name}` (known: {})", known_models().join(", "))]
+pub struct UnknownModel {
+    /// The name asked for.
+    pub name: String,
+}
+
+/// The names of every model verger knows, default first.
+pub fn known_models() -> Vec<&'static str> {
+    DESCRIPTORS.iter().map(|(name, _)| *name).collect()
 }
 
 impl ModelSpec {
-    /// EfficientNet-Lite0, the default and (for now) only model.
+    /// EfficientNet-Lite0, the default.
     pub fn efficientnet_lite0() -> Self {
-        serde_json::from_str(include_str!("../../models/efficientnet_lite0.json"))
-            .expect("models/efficientnet_lite0.json is valid")
+        Self::named("efficientnet-lite0").expect("the default model is compiled in")
+    }
+
+    /// The descriptor of the model called `name`.
+    pub fn named(name: &str) -> Result<Self, UnknownModel> {
+        let (_, json) = DESCRIPTORS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| UnknownModel {
+                name: name.to_string(),
+            })?;
+        let spec: Self = serde_json::from_str(json).expect("models/ descriptors are valid");
+        Ok(spec)
+    }
+
+    /// Every model's descriptor, default first.
+    pub fn all() -> Vec<Self> {
+        known_models()
+            .into_iter()
+            .map(|n| Self::named(n).expect("listed"))
+            .collect()
+    }
+
+    /// The network's architecture.
+    pub fn architecture(&self) -> EfficientNetConfig {
+        EfficientNetConfig::lite(self.width_multiplier, self.depth_multiplier)
+            .with_batch_norm_eps(self.batch_norm_eps as f64)
     }
 }
 
@@ -127,8 +191,7 @@ impl Embedder {
     /// Loads the checkpoint at `weights` (already verified) onto `backend`.
     pub fn load(spec: &ModelSpec, weights: &Path, backend: Backend) -> Result<Self, WeightsError> {
         let device = backend.device();
-        let config = EfficientNetConfig::lite0().with_batch_norm_eps(spec.batch_norm_eps as f64);
-        let model = import::load_checkpoint(config.init(&device), weights)?;
+        let model = import::load_checkpoint(spec.architecture().init(&device), weights)?;
         let model = match backend.fused() {
             true => model.with_kernels(),
             false => model,

@@ -36,6 +36,13 @@ pub fn weights() -> PathBuf {
 }
 
 /// An embedder on the default backend.
+pub fn weights_of(model: &str) -> PathBuf {
+    let spec = ModelSpec::named(model).unwrap();
+    weights_file::ensure_weights(&spec, None, None).unwrap_or_else(|e| {
+        panic!("{model} weights (run `verger model fetch --model {model}`): {e}")
+    })
+}
+
 pub fn embedder() -> Embedder {
     Embedder::load(
         &ModelSpec::efficientnet_lite0(),
@@ -66,9 +73,14 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Reference rows: (relative path, 1280 floats), from `reference/paths.txt` and `features_224.f32`.
 pub fn reference_rows() -> Vec<(String, Vec<f32>)> {
+    reference_rows_of("features_224.f32")
+}
+
+/// Reference rows of another model's features file (`efficientnet_lite2_260.f32`, ...).
+pub fn reference_rows_of(features: &str) -> Vec<(String, Vec<f32>)> {
     let r = shared_dir().join("reference");
     let paths = std::fs::read_to_string(r.join("paths.txt")).unwrap();
-    let raw = std::fs::read(r.join("features_224.f32")).unwrap();
+    let raw = std::fs::read(r.join(features)).unwrap();
     let floats: Vec<f32> = raw
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
