@@ -15,6 +15,9 @@ pub struct Verger {
     lines: mpsc::Receiver<String>,
     /// Every stderr line so far.
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// The thread reading stderr: joined once the process has exited, so that [`Verger::wait`]
+    /// returns only when every line is in `stderr`.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Verger {
@@ -32,7 +35,7 @@ impl Verger {
         let (tx, lines) = mpsc::channel();
         let stderr: Arc<Mutex<Vec<String>>> = Arc::default();
         let all = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 all.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
@@ -42,6 +45,7 @@ impl Verger {
             child,
             lines,
             stderr,
+            reader: Some(reader),
         }
     }
 
@@ -83,6 +87,10 @@ impl Verger {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The pipe closes when the process (and any child holding it) is gone.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 let mut out = String::new();
                 self.child
                     .stdout
