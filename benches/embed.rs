@@ -9,7 +9,7 @@ use clap::ValueEnum;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
 use verger::decode::decode_and_resize;
-use verger::embed::efficientnet::LayerTime;
+use verger::embed::network::LayerTime;
 use verger::embed::{Backend, ModelSpec};
 
 /// Prints the per-layer medians over `passes` forward passes on `backend` (and, for each fused

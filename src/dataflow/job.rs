@@ -329,8 +329,8 @@ fn resume_and_run(
     let committed = runtime
         .block_on(Committed::load(output.as_ref()))
         .map_err(RunError::Resume)?;
-    let spec = embedder.spec();
-    if let Some(other) = committed.other_model(&spec.name, &spec.sha256) {
+    let (model, weights) = (&embedder.spec().name, embedder.weights_sha256());
+    if let Some(other) = committed.other_model(model, weights) {
         let described = |model: &str, sha: &str| match sha.get(..12) {
             Some(short) => format!("{model} (weights {short})"),
             None => model.to_string(),
@@ -339,7 +339,7 @@ fn resume_and_run(
             output: output.location(),
             committed: described(&other.model, &other.weights_sha256),
             epoch: other.epoch,
-            model: described(&spec.name, &spec.sha256),
+            model: described(model, weights),
         });
     }
     let removed_leftovers = match lease.is_some() {

@@ -109,7 +109,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             store: job.output.clone(),
             run: job.run_id.clone(),
             model: naming.model.clone(),
-            weights_sha256: job.embedder.spec().sha256.clone(),
+            weights_sha256: job.embedder.weights_sha256().to_string(),
             lease_lost: job.lease_lost.clone(),
             reports,
         };

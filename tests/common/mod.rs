@@ -71,6 +71,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The exact `side`x`side` pixels PyTorch was fed (`reference/resized_<side>/NN_*.png`).
+pub fn reference_pixels_of(side: u32) -> Vec<Vec<u8>> {
+    let dir = shared_dir().join(format!("reference/resized_{side}"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| image::open(p).unwrap().into_rgb8().into_raw())
+        .collect()
+}
+
 /// Reference rows: (relative path, 1280 floats), from `reference/paths.txt` and `features_224.f32`.
 pub fn reference_rows() -> Vec<(String, Vec<f32>)> {
     reference_rows_of("features_224.f32")

@@ -25,7 +25,7 @@ pub use depthwise::{depthwise_relu6, DepthwiseWeights};
 pub use geometry::{same_padding, ConvShape, Padding};
 pub use inverted_residual::{kernel_times, BandScratch, InvertedResidual};
 pub use pointwise::{sum_rows, Activation, Pointwise};
-pub use stem::{stem_relu6, StemWeights, STEM_OUT};
+pub use stem::{stem_relu6, StemWeights, STEM_BLOCK};
 
 #[cfg(not(target_arch = "x86_64"))]
 use simd::Scalar;

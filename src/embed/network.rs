@@ -1,14 +1,18 @@
-//! EfficientNet-Lite as Burn modules: the one definition of the network in verger.
+//! The inverted-residual network family as Burn modules: the one definition of every network
+//! verger runs (EfficientNet-Lite0/1/2 and MobileNetV2).
 //!
-//! [`EfficientNetConfig`] holds the stage table; [`EfficientNetConfig::init`] builds the
-//! modules on a device, [`super::import`] loads a PyTorch checkpoint into them and folds every
-//! BatchNorm into its convolution. Lite variants use ReLU6, no squeeze-excitation, a fixed stem
-//! (32) and head (1280), and TensorFlow "SAME" padding (burn-nn's `PaddingConfig2d::Same`:
-//! asymmetric on stride 2, the odd pixel at the bottom/right, as the weights were trained).
+//! [`NetworkConfig`] holds the stage table; [`NetworkConfig::init`] builds the modules on a
+//! device, [`super::import`] loads a PyTorch checkpoint into them and folds every BatchNorm into
+//! its convolution. Both families are a stem, inverted-residual blocks (1x1 expansion, depthwise,
+//! linear 1x1 projection, shortcut), a 1x1 head and a global average pool, with ReLU6 and no
+//! squeeze-excitation. They differ in the stage table, the BatchNorm epsilon and the padding:
+//! the Lite weights were trained with TensorFlow "SAME" (burn-nn's `PaddingConfig2d::Same`:
+//! asymmetric on stride 2, the odd pixel at the bottom/right), torchvision's MobileNetV2 with
+//! `(k - 1) / 2` on every side ([`PaddingStyle`]).
 //!
-//! [`EfficientNet::features`] is the forward pass. Each layer runs through verger's fused
+//! [`Network::features`] is the forward pass. Each layer runs through verger's fused
 //! kernels ([`super::extension`]) when the module was prepared for them
-//! ([`EfficientNet::with_kernels`]) and its input lives on a backend that has them (Flex,
+//! ([`Network::with_kernels`]) and its input lives on a backend that has them (Flex,
 //! NdArray); everywhere else, and always when not prepared, through Burn's own operations
 //! (`conv2d` with groups, explicit padding, `clamp`, `mean_dim`). Both paths compute the same
 //! function, and the tests hold both to PyTorch's features.
@@ -20,6 +24,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,9 +46,29 @@ pub struct StageConfig {
     pub output: usize,
 }
 
-/// The architecture: stem, stage table, head and classifier sizes.
+/// How every convolution of a network pads its input: what its weights were trained with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaddingStyle {
+    /// TensorFlow "SAME": `ceil(size / stride)` outputs, the odd pixel at the bottom/right
+    /// (EfficientNet-Lite).
+    TfSame,
+    /// `(kernel - 1) / 2` on every side (torchvision's MobileNetV2).
+    Symmetric,
+}
+
+impl PaddingStyle {
+    fn config(self, kernel: usize) -> PaddingConfig2d {
+        let p = (kernel - 1) / 2;
+        match self {
+            PaddingStyle::TfSame => PaddingConfig2d::Same,
+            PaddingStyle::Symmetric => PaddingConfig2d::Explicit(p, p, p, p),
+        }
+    }
+}
+
+/// The architecture: stem, stage table, head and classifier sizes, padding.
 #[derive(Config, Debug)]
-pub struct EfficientNetConfig {
+pub struct NetworkConfig {
     /// Channels of the stem convolution (3x3, stride 2).
     pub stem_channels: usize,
     /// The stage table.
@@ -56,10 +81,13 @@ pub struct EfficientNetConfig {
     /// BatchNorm epsilon used in training.
     #[config(default = 1e-3)]
     pub batch_norm_eps: f64,
+    /// Padding of every convolution.
+    #[config(default = "PaddingStyle::TfSame")]
+    pub padding: PaddingStyle,
 }
 
 /// `channels` times `width`, rounded to the nearest multiple of 8 and never below 90% of the
-/// scaled value (TensorFlow's `round_filters`).
+/// scaled value (TensorFlow's `round_filters`, torchvision's `_make_divisible`).
 fn round_channels(channels: usize, width: f64) -> usize {
     if width == 1.0 {
         return channels;
@@ -73,7 +101,7 @@ fn round_channels(channels: usize, width: f64) -> usize {
     }
 }
 
-impl EfficientNetConfig {
+impl NetworkConfig {
     /// EfficientNet-Lite0: `r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24, r2_k5_s22_e6_i24_o40,
     /// r3_k3_s22_e6_i40_o80, r3_k5_s11_e6_i80_o112, r4_k5_s22_e6_i112_o192,
     /// r1_k3_s11_e6_i192_o320`, stem 32, head 1280.
@@ -108,6 +136,42 @@ impl EfficientNetConfig {
         Self::new(base.stem_channels, stages, base.head_channels)
     }
 
+    /// torchvision's MobileNetV2 with width multiplier `width` (1.0: the ImageNet model):
+    /// stem 32, the stage table `t1_c16_n1_s1, t6_c24_n2_s2, t6_c32_n3_s2, t6_c64_n4_s2,
+    /// t6_c96_n3_s1, t6_c160_n3_s2, t6_c320_n1_s1` (all depthwise kernels 3x3), head 1280;
+    /// every channel count times `width` rounded as [`round_channels`] does, the head only
+    /// widened (never below 1280); BatchNorm epsilon 1e-5, symmetric padding.
+    pub fn mobilenet_v2(width: f64) -> Self {
+        let channels = |c: usize| round_channels(c, width);
+        let mut input = channels(32);
+        let stages = [
+            (1, 16, 1, 1),
+            (6, 24, 2, 2),
+            (6, 32, 3, 2),
+            (6, 64, 4, 2),
+            (6, 96, 3, 1),
+            (6, 160, 3, 2),
+            (6, 320, 1, 1),
+        ]
+        .into_iter()
+        .map(|(expand_ratio, output, repeats, stride)| {
+            let stage = StageConfig {
+                repeats,
+                kernel: 3,
+                stride,
+                expand_ratio,
+                input,
+                output: channels(output),
+            };
+            input = stage.output;
+            stage
+        })
+        .collect();
+        Self::new(channels(32), stages, round_channels(1280, width.max(1.0)))
+            .with_batch_norm_eps(1e-5)
+            .with_padding(PaddingStyle::Symmetric)
+    }
+
     fn lite_base() -> Self {
         let stage = |repeats, kernel, stride, expand_ratio, input, output| StageConfig {
             repeats,
@@ -134,8 +198,8 @@ impl EfficientNetConfig {
 
     /// The network on `device`, with freshly initialised (untrained) parameters and one
     /// BatchNorm after every convolution: the shape a checkpoint is loaded into.
-    pub fn init(&self, device: &Device) -> EfficientNet {
-        let eps = self.batch_norm_eps;
+    pub fn init(&self, device: &Device) -> Network {
+        let (eps, padding) = (self.batch_norm_eps, self.padding);
         let mut blocks = Vec::new();
         for stage in &self.stages {
             for r in 0..stage.repeats {
@@ -145,7 +209,13 @@ impl EfficientNetConfig {
                 };
                 let hidden = c_in * stage.expand_ratio;
                 let conv = |c_in, c_out, kernel, stride, groups, relu6| {
-                    ConvNorm::init([c_in, c_out], kernel, stride, groups, relu6, eps, device)
+                    let layer = Layer {
+                        kernel,
+                        stride,
+                        groups,
+                        relu6,
+                    };
+                    ConvNorm::init([c_in, c_out], layer, padding, eps, device)
                 };
                 blocks.push(InvertedResidual {
                     expand: (stage.expand_ratio != 1).then(|| conv(c_in, hidden, 1, 1, 1, true)),
@@ -157,10 +227,16 @@ impl EfficientNetConfig {
             }
         }
         let last = self.stages.last().map_or(self.stem_channels, |s| s.output);
-        EfficientNet {
-            stem: ConvNorm::init([3, self.stem_channels], 3, 2, 1, true, eps, device),
+        Network {
+            stem: ConvNorm::init([3, self.stem_channels], Layer::STEM, padding, eps, device),
             blocks,
-            head: ConvNorm::init([last, self.head_channels], 1, 1, 1, true, eps, device),
+            head: ConvNorm::init(
+                [last, self.head_channels],
+                Layer::HEAD,
+                padding,
+                eps,
+                device,
+            ),
             classifier: Some(LinearConfig::new(self.head_channels, self.num_classes).init(device)),
             stem_kernel: None,
             head_kernel: None,
@@ -168,10 +244,36 @@ impl EfficientNetConfig {
     }
 }
 
+/// What one convolution computes, besides its channels.
+#[derive(Clone, Copy, Debug)]
+struct Layer {
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    relu6: bool,
+}
+
+impl Layer {
+    /// The 3x3 stride-2 stem (ReLU6).
+    const STEM: Self = Self {
+        kernel: 3,
+        stride: 2,
+        groups: 1,
+        relu6: true,
+    };
+    /// The 1x1 head (ReLU6).
+    const HEAD: Self = Self {
+        kernel: 1,
+        stride: 1,
+        groups: 1,
+        relu6: true,
+    };
+}
+
 /// A convolution, the BatchNorm after it (until folded into it), and ReLU6 or nothing.
 #[derive(Module, Debug)]
 pub struct ConvNorm {
-    /// The convolution ("SAME" padding; bias once the norm is folded in).
+    /// The convolution (the network's padding; bias once the norm is folded in).
     pub conv: Conv2d,
     /// The BatchNorm, `None` once folded.
     pub norm: Option<BatchNorm>,
@@ -182,17 +284,15 @@ pub struct ConvNorm {
 impl ConvNorm {
     fn init(
         channels: [usize; 2],
-        kernel: usize,
-        stride: usize,
-        groups: usize,
-        relu6: bool,
+        layer: Layer,
+        padding: PaddingStyle,
         eps: f64,
         device: &Device,
     ) -> Self {
-        let conv = Conv2dConfig::new(channels, [kernel; 2])
-            .with_stride([stride; 2])
-            .with_groups(groups)
-            .with_padding(PaddingConfig2d::Same)
+        let conv = Conv2dConfig::new(channels, [layer.kernel; 2])
+            .with_stride([layer.stride; 2])
+            .with_groups(layer.groups)
+            .with_padding(padding.config(layer.kernel))
             .with_bias(false)
             .init(device);
         let norm = BatchNormConfig::new(channels[1])
@@ -201,7 +301,7 @@ impl ConvNorm {
         Self {
             conv,
             norm: Some(norm),
-            relu6,
+            relu6: layer.relu6,
         }
     }
 
@@ -346,7 +446,7 @@ impl InvertedResidual {
 /// the global average pool of the head (the embedding); [`logits`](Self::logits) applies the
 /// classifier to features (used to check the import against PyTorch's top-1).
 #[derive(Module, Debug)]
-pub struct EfficientNet {
+pub struct Network {
     /// 3x3 stride-2 stem convolution (ReLU6).
     pub stem: ConvNorm,
     /// Inverted-residual blocks in order.
@@ -363,7 +463,7 @@ pub struct EfficientNet {
     head_kernel: Option<Arc<Pointwise>>,
 }
 
-/// Where one forward pass spends its time: one line of [`EfficientNet::layer_times`].
+/// Where one forward pass spends its time: one line of [`Network::layer_times`].
 #[derive(Clone, Debug)]
 pub struct LayerTime {
     /// What the layer computes: input size, channels, kernel and stride.
@@ -374,7 +474,7 @@ pub struct LayerTime {
     pub kernels: Option<[Duration; 3]>,
 }
 
-impl EfficientNet {
+impl Network {
     /// Every BatchNorm folded into its convolution (inference only): one convolution with
     /// bias per layer.
     pub fn fold_batch_norms(self) -> Self {
@@ -504,14 +604,14 @@ mod tests {
     /// and block counts read off their `_blocks.N` tensors).
     #[test]
     fn lite_multipliers_give_the_published_stage_tables() {
-        let table = |c: &EfficientNetConfig| -> Vec<(usize, usize, usize)> {
+        let table = |c: &NetworkConfig| -> Vec<(usize, usize, usize)> {
             c.stages
                 .iter()
                 .map(|s| (s.repeats, s.input, s.output))
                 .collect()
         };
         assert_eq!(
-            table(&EfficientNetConfig::lite(1.0, 1.1)),
+            table(&NetworkConfig::lite(1.0, 1.1)),
             [
                 (1, 32, 16),
                 (3, 16, 24),
@@ -523,7 +623,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            table(&EfficientNetConfig::lite(1.1, 1.2)),
+            table(&NetworkConfig::lite(1.1, 1.2)),
             [
                 (1, 32, 16),
                 (3, 16, 24),
@@ -534,12 +634,54 @@ mod tests {
                 (1, 208, 352)
             ]
         );
-        let lite2 = EfficientNetConfig::lite(1.1, 1.2);
+        let lite2 = NetworkConfig::lite(1.1, 1.2);
         assert_eq!((lite2.stem_channels, lite2.head_channels), (32, 1280));
         assert_eq!(
-            table(&EfficientNetConfig::lite0()),
-            table(&EfficientNetConfig::lite(1.0, 1.0))
+            table(&NetworkConfig::lite0()),
+            table(&NetworkConfig::lite(1.0, 1.0))
         );
+    }
+
+    /// MobileNetV2 at width 1.0 has torchvision's stage table and its published parameter
+    /// count (3,504,872 with the ImageNet classifier, BatchNorm statistics not counted); narrower widths round every channel
+    /// count to a multiple of 8 but keep the 1280 head, wider ones widen it.
+    #[test]
+    fn mobilenet_v2_has_torchvisions_shape() {
+        let outputs = |c: &NetworkConfig| -> Vec<(usize, usize)> {
+            c.stages.iter().map(|s| (s.repeats, s.output)).collect()
+        };
+        let full = NetworkConfig::mobilenet_v2(1.0);
+        assert_eq!(
+            outputs(&full),
+            [
+                (1, 16),
+                (2, 24),
+                (3, 32),
+                (4, 64),
+                (3, 96),
+                (3, 160),
+                (1, 320)
+            ]
+        );
+        assert_eq!((full.stem_channels, full.head_channels), (32, 1280));
+        assert_eq!(full.padding, PaddingStyle::Symmetric);
+        // Burn counts a BatchNorm's running mean and variance too; torchvision does not.
+        let network = full.init(&Device::flex());
+        let norms = std::iter::once(&network.stem)
+            .chain(
+                network
+                    .blocks
+                    .iter()
+                    .flat_map(|b| b.expand.iter().chain([&b.depthwise, &b.project])),
+            )
+            .chain([&network.head]);
+        let running: usize = norms.map(|l| 2 * l.conv.weight.dims()[0]).sum();
+        assert_eq!(network.num_params() - running, 3_504_872);
+        let narrow = NetworkConfig::mobilenet_v2(0.25);
+        let widths: Vec<usize> = outputs(&narrow).iter().map(|s| s.1).collect();
+        assert_eq!(widths, [8, 8, 8, 16, 24, 40, 80]);
+        assert_eq!((narrow.stem_channels, narrow.head_channels), (8, 1280));
+        assert_eq!(NetworkConfig::mobilenet_v2(1.4).head_channels, 1792);
     }
 
     fn uniform<const D: usize>(shape: [usize; D], lo: f64, hi: f64) -> Tensor<D> {
@@ -550,7 +692,13 @@ mod tests {
     #[test]
     fn padding_maps_to_the_kernels_or_refuses() {
         let layer = |padding| {
-            let mut l = ConvNorm::init([4, 4], 3, 2, 4, true, 1e-3, &Device::flex());
+            let dw = Layer {
+                kernel: 3,
+                stride: 2,
+                groups: 4,
+                relu6: true,
+            };
+            let mut l = ConvNorm::init([4, 4], dw, PaddingStyle::TfSame, 1e-3, &Device::flex());
             l.conv.padding = padding;
             l
         };
@@ -585,15 +733,14 @@ mod tests {
             (6, 6, 5, 2, 6, true),
             (4, 3, 1, 1, 1, true),
         ] {
-            let mut layer = ConvNorm::init(
-                [c_in, c_out],
+            let shape = Layer {
                 kernel,
                 stride,
                 groups,
                 relu6,
-                1e-3,
-                &Device::flex(),
-            );
+            };
+            let style = PaddingStyle::TfSame;
+            let mut layer = ConvNorm::init([c_in, c_out], shape, style, 1e-3, &Device::flex());
             let norm = layer.norm.as_mut().unwrap();
             norm.gamma = Param::from_tensor(uniform([c_out], 0.5, 2.0));
             norm.beta = Param::from_tensor(uniform([c_out], -1.0, 1.0));
@@ -611,7 +758,7 @@ mod tests {
     /// ordinary (not channels-last) NCHW tensor, and the fused output keeps the NCHW shape.
     #[test]
     fn fused_block_matches_burn_operations_on_an_nchw_input() {
-        let config = EfficientNetConfig::lite0();
+        let config = NetworkConfig::lite0();
         let device = Device::flex();
         let mut block = config.init(&device).blocks.remove(2); // 24 -> 144 -> 24, shortcut
         for layer in [&mut block.depthwise, &mut block.project] {
