@@ -138,6 +138,7 @@ mod tests {
             width: 1,
             height: 1,
             embedding: e.to_vec(),
+            prediction: None,
         }
     }
 

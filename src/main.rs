@@ -72,6 +72,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
                 progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 connect_timeout: c.connect_timeout,
                 allow_empty: args.allow_empty,
+                head: args.head.clone(),
             };
             cli::run::run_job(
                 out,
@@ -97,6 +98,28 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
             store,
             splits,
         } => cli::inspect::inspect(out, &output, &store, &splits.splits()).map(|()| Ending::Done),
+        Command::Train(args) => cli::train::train(
+            out,
+            (&args.input, &args.output),
+            &args.store,
+            &args.splits.splits(),
+            &args.config(),
+        )
+        .map(|()| Ending::Done),
+        Command::Report {
+            output,
+            html,
+            metrics,
+            max_points,
+            store,
+        } => cli::report::report(
+            out,
+            (&output, &html),
+            &store,
+            metrics.as_deref(),
+            max_points,
+        )
+        .map(|()| Ending::Done),
     }
 }
 

@@ -103,6 +103,17 @@ pub struct Embedded {
     pub height: u32,
     /// The feature vector.
     pub embedding: Vec<f32>,
+    /// The head's prediction (`verger run --head`), `None` without a head.
+    pub prediction: Option<Prediction>,
+}
+
+/// A classifier head's prediction for one row: the most probable label and its probability.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// The label.
+    pub label: String,
+    /// Its probability (softmax of the head's logits).
+    pub confidence: f32,
 }
 
 /// An object that left the pipeline before it was embedded.

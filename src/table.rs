@@ -93,6 +93,8 @@ pub fn embeddings_schema() -> SchemaRef {
         Field::new("model", DataType::Utf8, false),
         Field::new("etag", DataType::Utf8, false),
         Field::new("epoch", DataType::UInt64, false),
+        Field::new("prediction", DataType::Utf8, true),
+        Field::new("confidence", DataType::Float32, true),
     ]))
 }
 
@@ -140,6 +142,14 @@ pub fn embeddings_batch(rows: &[Embedded], model: &str, epoch: Epoch) -> RecordB
             rows.iter().map(|r| r.etag.as_str()),
         )),
         epoch_column(rows.len(), epoch),
+        Arc::new(StringArray::from_iter(
+            rows.iter()
+                .map(|r| r.prediction.as_ref().map(|p| p.label.as_str())),
+        )),
+        Arc::new(Float32Array::from_iter(
+            rows.iter()
+                .map(|r| r.prediction.as_ref().map(|p| p.confidence)),
+        )),
     ];
     RecordBatch::try_new(embeddings_schema(), columns).expect("columns match the schema")
 }
@@ -217,6 +227,7 @@ fn column<'a>(
     let fits = match expected {
         "utf8" => column.data_type() == &DataType::Utf8,
         "uint32" => column.data_type() == &DataType::UInt32,
+        "float32" => column.data_type() == &DataType::Float32,
         _ => matches!(column.data_type(), DataType::FixedSizeList(item, _)
             if item.data_type() == &DataType::Float32),
     };
@@ -294,6 +305,14 @@ pub fn decode_rows(batch: &RecordBatch, file: &str) -> Result<Vec<Embedded>, Tab
     let height = uint32s(batch, "height", file)?;
     let embedding =
         column(batch, "embedding", file, "fixed_size_list<float32>")?.as_fixed_size_list();
+    // Files written before heads existed, or by a run without one, may lack the two columns.
+    let prediction = match batch.column_by_name("prediction") {
+        Some(_) => Some((
+            strings(batch, "prediction", file)?,
+            column(batch, "confidence", file, "float32")?.as_primitive::<Float32Type>(),
+        )),
+        None => None,
+    };
     Ok((0..batch.num_rows())
         .map(|i| Embedded {
             key: key.value(i).to_string(),
@@ -306,6 +325,12 @@ pub fn decode_rows(batch: &RecordBatch, file: &str) -> Result<Vec<Embedded>, Tab
                 .as_primitive::<Float32Type>()
                 .values()
                 .to_vec(),
+            prediction: prediction.and_then(|(label, confidence)| {
+                (!label.is_null(i)).then(|| crate::record::Prediction {
+                    label: label.value(i).to_string(),
+                    confidence: confidence.value(i),
+                })
+            }),
         })
         .collect())
 }
@@ -353,6 +378,10 @@ mod tests {
             width: 100,
             height: 80,
             embedding: (0..FEATURE_DIM).map(|i| i as f32).collect(),
+            prediction: Some(crate::record::Prediction {
+                label: "kiwi".into(),
+                confidence: 0.75,
+            }),
         };
         let batch = embeddings_batch(std::slice::from_ref(&row), "m", 3);
         let schema = batch.schema();
@@ -380,6 +409,7 @@ mod tests {
             width: 1,
             height: 1,
             embedding: vec![0.0; FEATURE_DIM],
+            prediction: None,
         };
         let batch = embeddings_batch(&[row], "m", 0);
         let without_height = batch.project(&[0, 1, 2, 4, 5, 6, 7]).unwrap();

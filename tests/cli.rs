@@ -6,24 +6,6 @@ use std::process::Command;
 
 use common::*;
 
-fn verger() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_verger"));
-    cmd.env("VERGER_WEIGHTS", weights());
-    cmd
-}
-
-/// Runs `cmd`, asserts it exits 0 (showing its output otherwise) and returns its stdout.
-fn succeeds(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 /// `in/Lemon/a.jpg` (a sample photo) and `in/Lemon/broken.jpg` (not a picture) under `dir`.
 fn lemon_and_broken_file(dir: &std::path::Path) {
     let input = dir.join("in/Lemon");

@@ -1,7 +1,8 @@
 //! The network on Burn's wgpu backend (`--features wgpu`): the module's fallback path, Burn's
 //! own operations, on whatever Vulkan device wgpu finds. With no GPU, Mesa's software Vulkan
-//! driver (lavapipe, Debian's `mesa-vulkan-drivers`) runs it on the CPU: `.ci/run` installs it
-//! and runs `cargo test --release --features wgpu --test gpu`.
+//! driver (lavapipe, Debian's `mesa-vulkan-drivers`) runs it on the CPU: `.ci/gpu` installs it
+//! and runs `cargo test --release --features wgpu --test gpu` (not `.ci/run`: the feature
+//! rebuilds the dependency tree, too long for CI's budget).
 #![cfg(feature = "wgpu")]
 
 mod common;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use verger::embed::Backend;
+use verger::head::TrainConfig;
 use verger::source::EpochPolicy;
 use verger::storage::StoreOptions;
 
@@ -47,7 +48,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Featurize every image under --input into --output.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Make a small labelled image set, featurize it and show the result.
     Demo(DemoArgs),
     /// Manage the pretrained weights.
@@ -64,12 +65,88 @@ pub enum Command {
         #[command(flatten)]
         splits: SplitArgs,
     },
+    /// Train a classifier head on an output's committed rows (softmax regression, or one
+    /// hidden layer), score it on the test split and save it for `verger run --head`.
+    Train(TrainArgs),
+    /// Write one self-contained HTML page of an output: rows per label, a PCA map of the
+    /// embeddings, a head's metrics, errors by reason and throughput per epoch.
+    Report {
+        /// The output of a run: a directory or s3://bucket/prefix.
+        output: String,
+        /// The page to write.
+        #[arg(long, default_value = "report.html")]
+        html: PathBuf,
+        /// A head's `metrics.json` (from `verger train`): adds its scores and confusion matrix.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// Rows drawn on the PCA map at most (a sample fixed by the keys).
+        #[arg(long, default_value_t = 2000, value_parser = at_least_one)]
+        max_points: usize,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// `verger train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The output of a run to learn from: a directory or s3://bucket/prefix.
+    #[arg(long)]
+    pub input: String,
+    /// Directory to save the head into (created if missing).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub splits: SplitArgs,
+    /// Units of one hidden layer (ReLU); without it the head is softmax regression.
+    #[arg(long, value_parser = at_least_one)]
+    pub hidden: Option<usize>,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
+    pub learning_rate: f64,
+    /// Weight decay (L2) of Adam [default: 1 / training rows, as scikit-learn's
+    /// LogisticRegression(C=1)].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Rows per optimisation step.
+    #[arg(long, default_value_t = TrainConfig::default().batch, value_parser = at_least_one)]
+    pub batch: usize,
+    /// Passes over the training rows at most.
+    #[arg(long, default_value_t = TrainConfig::default().max_epochs, value_parser = at_least_one)]
+    pub max_epochs: usize,
+    /// Stop after this many passes without a lower validation loss.
+    #[arg(long, default_value_t = TrainConfig::default().patience, value_parser = at_least_one)]
+    pub patience: usize,
+    /// Share of each label's training rows held out for validation (early stopping).
+    #[arg(long, default_value_t = TrainConfig::default().validation_share)]
+    pub validation_share: f64,
+    /// Seed of the initialisation, the validation split and the batch order.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl TrainArgs {
+    /// As the library takes them.
+    pub fn config(&self) -> TrainConfig {
+        TrainConfig {
+            hidden: self.hidden,
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            batch: self.batch,
+            max_epochs: self.max_epochs,
+            patience: self.patience,
+            validation_share: self.validation_share,
+            seed: self.seed,
+        }
+    }
 }
 
 /// Which folders name the training and test halves of a labelled set.
 #[derive(Args, Debug)]
 pub struct SplitArgs {
-    /// Keys with a folder of this name are training rows (nearest-centroid check).
+    /// Keys with a folder of this name are training rows.
     #[arg(long = "train", default_value = "Training", value_name = "FOLDER")]
     pub train: String,
     /// Keys with a folder of this name are test rows.
@@ -274,6 +351,10 @@ pub struct RunArgs {
     /// No progress bar (one is drawn on stderr when it is a terminal, outside --watch).
     #[arg(long)]
     pub no_progress: bool,
+    /// A classifier head (a directory saved by `verger train`): every row also gets the
+    /// predicted label and its probability (columns `prediction`, `confidence`).
+    #[arg(long, value_name = "HEAD_DIR")]
+    pub head: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]

@@ -7,5 +7,7 @@ pub mod demo;
 pub mod inspect;
 pub mod model;
 pub mod progress;
+pub mod report;
 pub mod run;
+pub mod train;
 pub mod tuning;

@@ -45,6 +45,8 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// Whether an empty input is a success.
     pub allow_empty: bool,
+    /// A head directory to predict every row's label with.
+    pub head: Option<std::path::PathBuf>,
 }
 
 impl Default for Service {
@@ -55,6 +57,7 @@ impl Default for Service {
             progress: false,
             connect_timeout: verger::cluster::CONNECT_TIMEOUT,
             allow_empty: false,
+            head: None,
         }
     }
 }
@@ -106,6 +109,12 @@ pub fn run_job(
         let endpoint = verger::metrics::serve(addr, metrics.clone())?;
         eprintln!("verger: metrics on http://{}/metrics", endpoint.addr);
     }
+    let head = match &service.head {
+        Some(dir) => Some(Arc::new(
+            verger::head::SavedHead::load(dir).context("loading the head (--head)")?,
+        )),
+        None => None,
+    };
     let signals = StopSignals::install()?;
     let leader = cluster.as_ref().is_none_or(|c| c.process == 0);
     let config = RunConfig {
@@ -135,6 +144,7 @@ pub fn run_job(
             ttl: engine.lease_ttl,
         },
         connect_timeout: service.connect_timeout,
+        head,
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));

@@ -51,6 +51,12 @@ pub struct Manifest {
     pub errors: u64,
     /// The files, data and errors.
     pub files: Vec<WrittenFile>,
+    /// When the run that wrote it started, in ms since the Unix epoch (throughput per epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_started_ms: Option<u64>,
+    /// When its files were all published and the manifest made, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_ms: Option<u64>,
 }
 
 impl Manifest {
@@ -264,6 +270,8 @@ mod tests {
                 rows: 1,
                 bytes: 10,
             }],
+            run_started_ms: Some(1_000),
+            committed_ms: Some(2_000 + epoch),
         }
     }
 

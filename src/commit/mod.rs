@@ -71,6 +71,8 @@ pub struct CommitSettings {
     pub lease_lost: Arc<AtomicBool>,
     /// Where committed epochs are reported.
     pub reports: CommitReports,
+    /// When the run started (ms since the Unix epoch), written into every manifest.
+    pub run_started_ms: u64,
 }
 
 /// The commit stage: gathers every worker's published files on worker 0, writes each
@@ -88,6 +90,7 @@ pub fn stage<'s>(
         weights_sha256,
         lease_lost,
         reports,
+        run_started_ms,
     } = settings;
     let fatal = ctx.fatal.clone();
     let epochs = fold_epochs(
@@ -101,7 +104,12 @@ pub fn stage<'s>(
             }
         },
         move |epoch, (files, failed), out| match failed {
-            None => out.push(gather(epoch, files, &run, (&model, &weights_sha256))),
+            None => out.push(gather(
+                epoch,
+                files,
+                (&run, run_started_ms),
+                (&model, &weights_sha256),
+            )),
             Some(WorkerFailed { worker, reason }) => {
                 fatal.set(StageError::Peer {
                     epoch,
@@ -139,7 +147,7 @@ pub fn stage<'s>(
 fn gather(
     epoch: Epoch,
     published: Vec<Published>,
-    run: &str,
+    (run, run_started_ms): (&str, u64),
     (model, weights_sha256): (&str, &str),
 ) -> CommittedEpoch {
     let mut files = Vec::with_capacity(published.len());
@@ -167,12 +175,20 @@ fn gather(
         rows: count(FileKind::Data),
         errors: count(FileKind::Errors),
         files,
+        run_started_ms: Some(run_started_ms),
+        committed_ms: Some(unix_ms(std::time::SystemTime::now())),
     };
     CommittedEpoch {
         manifest,
         rows,
         failed_reads,
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Writes the manifest, unless the lease is lost or the run is failing.

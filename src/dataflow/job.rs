@@ -14,6 +14,7 @@ use crate::cluster::{self, Cluster, ConnectWatchdog};
 use crate::commit::{CommitError, Committed};
 use crate::embed::Embedder;
 use crate::error::{Fatal, StageError};
+use crate::head::{HeadError, SavedHead};
 use crate::metrics::Metrics;
 use crate::operators::StageContext;
 use crate::record::Epoch;
@@ -58,6 +59,8 @@ pub struct RunConfig {
     pub lease: LeaseSettings,
     /// How long process 0 and its peers wait for each other to connect.
     pub connect_timeout: Duration,
+    /// A classifier head applied to every row in the embed stage (`--head`).
+    pub head: Option<Arc<SavedHead>>,
 }
 
 /// How large one input object may be: what keeps a worker's memory bounded whatever the
@@ -100,6 +103,7 @@ impl RunConfig {
             limits: InputLimits::default(),
             lease: LeaseSettings::default(),
             connect_timeout: cluster::CONNECT_TIMEOUT,
+            head: None,
         }
     }
 }
@@ -137,6 +141,9 @@ pub enum RunError {
         /// This run's model (and weights).
         model: String,
     },
+    /// The head reads another model's features.
+    #[error(transparent)]
+    Head(#[from] HeadError),
     /// The output is the input itself.
     #[error("the output {0} is the input directory itself: give the output its own folder")]
     OutputIsInput(String),
@@ -299,6 +306,8 @@ pub(super) struct Job {
     pub first_epoch: Epoch,
     /// Fails the process if its peers do not connect in time.
     pub watchdog: Option<Arc<ConnectWatchdog>>,
+    /// When the run started (ms since the Unix epoch).
+    pub started_ms: u64,
 }
 
 /// What worker 0 (the source) reports at the end of the run.
@@ -330,6 +339,9 @@ fn resume_and_run(
         .block_on(Committed::load(output.as_ref()))
         .map_err(RunError::Resume)?;
     let (model, weights) = (&embedder.spec().name, embedder.weights_sha256());
+    if let Some(head) = &config.head {
+        head.check_model(model, weights)?;
+    }
     if let Some(other) = committed.other_model(model, weights) {
         let described = |model: &str, sha: &str| match sha.get(..12) {
             Some(short) => format!("{model} (weights {short})"),
@@ -375,6 +387,7 @@ fn resume_and_run(
         context: context.clone(),
         run_id,
         watchdog: watchdog.clone(),
+        started_ms: crate::commit::unix_ms(std::time::SystemTime::now()),
         config,
     });
     let reports = execute(job.clone());

@@ -103,7 +103,12 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             config.batch_size,
             gate,
         );
-        let outcomes = embed::stage(labelled, ctx, job.embedder.clone(), config.batch_size);
+        let outcomes = embed::stage(
+            labelled,
+            ctx,
+            (job.embedder.clone(), config.head.clone()),
+            config.batch_size,
+        );
         let published = sink::stage(outcomes, ctx, naming.clone(), job.output.clone());
         let settings = CommitSettings {
             store: job.output.clone(),
@@ -112,6 +117,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             weights_sha256: job.embedder.weights_sha256().to_string(),
             lease_lost: job.lease_lost.clone(),
             reports,
+            run_started_ms: job.started_ms,
         };
         commit::stage(published, ctx, settings).probe_with(&probe);
     });

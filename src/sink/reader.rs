@@ -16,6 +16,8 @@ pub struct Table {
     pub errors: Vec<Failure>,
     /// Number of committed epochs.
     pub epochs: usize,
+    /// The manifests, by epoch.
+    pub manifests: Vec<crate::commit::Manifest>,
 }
 
 impl Table {
@@ -62,5 +64,6 @@ pub async fn read_table(store: &dyn ObjectStore) -> Result<Table, CommitError> {
             }
         }
     }
+    table.manifests = committed.manifests;
     Ok(table)
 }

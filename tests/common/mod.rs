@@ -203,3 +203,22 @@ pub mod process;
 pub mod s3util;
 #[allow(dead_code)]
 pub mod seaweed;
+
+/// The `verger` binary, with the cached Lite0 weights.
+pub fn verger() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_verger"));
+    cmd.env("VERGER_WEIGHTS", weights());
+    cmd
+}
+
+/// Runs `cmd`, asserts it exits 0 (showing its output otherwise) and returns its stdout.
+pub fn succeeds(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

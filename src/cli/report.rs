@@ -1,0 +1,52 @@
+//! `verger report`: the output as one self-contained HTML page.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use verger::head::Metrics;
+use verger::report::{ReportData, ReportOptions};
+
+use super::args::StoreArgs;
+
+/// Writes the report of `output` to `html`, with a head's `metrics` (a `metrics.json`).
+pub fn report(
+    out: &mut dyn Write,
+    (output, html): (&str, &Path),
+    store: &StoreArgs,
+    metrics: Option<&Path>,
+    max_points: usize,
+) -> Result<()> {
+    let metrics: Option<Metrics> = match metrics {
+        None => None,
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is no metrics.json", path.display()))?,
+            )
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let store = runtime
+        .block_on(verger::storage::open(output, false, &store.options()))
+        .map_err(|e| e.on_side("input"))?;
+    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    let options = ReportOptions {
+        title: output.to_string(),
+        max_points,
+    };
+    let data = ReportData::gather(&table, &table.manifests, metrics, &options);
+    std::fs::write(html, data.html()).with_context(|| format!("writing {}", html.display()))?;
+    writeln!(
+        out,
+        "{}: {} labels, {} points on the map, {} error groups, {} epochs",
+        html.display(),
+        data.labels.len(),
+        data.map.as_ref().map_or(0, |m| m.points.len()),
+        data.errors.len(),
+        data.throughput.len()
+    )?;
+    Ok(())
+}

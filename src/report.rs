@@ -1,0 +1,362 @@
+//! `verger report`: one self-contained HTML page of what an output holds, for a person. Rows
+//! per label, a 2-D PCA map of the embeddings coloured by label, a head's metrics and
+//! confusion matrix (given its `metrics.json`), the error records grouped by reason and the
+//! throughput of every committed epoch. The page embeds its data as JSON and draws its charts
+//! as SVG with a short inline script: no network, no external asset.
+
+use std::collections::BTreeMap;
+
+use nalgebra::{DMatrix, SymmetricEigen};
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::commit::Manifest;
+use crate::head::Metrics;
+use crate::record::{Embedded, Failure};
+use crate::sink::reader::Table;
+
+/// What the page shows besides the table.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    /// Title line (the output's location).
+    pub title: String,
+    /// Rows drawn on the PCA map at most (a sample fixed by the keys' hash).
+    pub max_points: usize,
+}
+
+/// The embeddings projected on their two principal components.
+#[derive(Clone, Debug, Serialize)]
+pub struct PcaMap {
+    /// Share of the sample's variance each component explains.
+    pub explained: [f64; 2],
+    /// One point per sampled row: key, label, x, y.
+    pub points: Vec<MapPoint>,
+}
+
+/// One row on the PCA map.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapPoint {
+    /// The object's key.
+    pub key: String,
+    /// Its label ("" without one).
+    pub label: String,
+    /// First principal component.
+    pub x: f64,
+    /// Second principal component.
+    pub y: f64,
+}
+
+/// Throughput of one committed epoch.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochThroughput {
+    /// The epoch.
+    pub epoch: u64,
+    /// Rows and error records it committed.
+    pub objects: u64,
+    /// Seconds from the previous commit of its run (or the run's start) to its own.
+    pub seconds: f64,
+    /// Objects per second.
+    pub per_second: f64,
+}
+
+/// Error records of one stage and reason.
+#[derive(Clone, Debug, Serialize)]
+pub struct ErrorGroup {
+    /// The stage that failed.
+    pub stage: String,
+    /// The reason, as recorded.
+    pub reason: String,
+    /// Records with this reason.
+    pub count: usize,
+    /// Up to five of their keys.
+    pub keys: Vec<String>,
+}
+
+/// Everything the page draws, as it embeds it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReportData {
+    /// Title line.
+    pub title: String,
+    /// Current rows per label (`(none)` for rows without one).
+    pub labels: Vec<(String, usize)>,
+    /// The PCA map (`None` with fewer than three rows).
+    pub map: Option<PcaMap>,
+    /// The head's metrics, when given.
+    pub metrics: Option<Metrics>,
+    /// Current error records grouped by stage and reason, largest group first.
+    pub errors: Vec<ErrorGroup>,
+    /// Per epoch, for manifests that record their commit time.
+    pub throughput: Vec<EpochThroughput>,
+    /// Models of the manifests.
+    pub models: Vec<String>,
+}
+
+impl ReportData {
+    /// Gathers the page's data from a committed table and its manifests.
+    pub fn gather(
+        table: &Table,
+        manifests: &[Manifest],
+        metrics: Option<Metrics>,
+        options: &ReportOptions,
+    ) -> Self {
+        let latest = table.latest_rows();
+        let labels = crate::evaluate::label_counts(latest.iter().copied())
+            .into_iter()
+            .collect();
+        let mut models: Vec<String> = manifests.iter().map(|m| m.model.clone()).collect();
+        models.sort();
+        models.dedup();
+        Self {
+            title: options.title.clone(),
+            labels,
+            map: pca_map(&latest, options.max_points),
+            metrics,
+            errors: error_groups(&table.current_errors()),
+            throughput: throughput(manifests),
+            models,
+        }
+    }
+
+    /// The page.
+    pub fn html(&self) -> String {
+        // `</` inside the JSON would end the script element early.
+        let json = serde_json::to_string(self)
+            .expect("serialisable")
+            .replace("</", "<\\/");
+        let (head, rest) = PAGE.split_once("{{title}}").expect("the page has a title");
+        let (middle, tail) = rest.split_once("{{data}}").expect("the page has its data");
+        format!("{head}{}{middle}{json}{tail}", escape(&self.title))
+    }
+}
+
+/// A sample of at most `max_points` rows (those with the smallest key hash), projected on
+/// the two leading principal components of the sample. Works on the smaller of the
+/// covariance (features x features) and Gram (rows x rows) matrices; both give the same
+/// projection.
+pub fn pca_map(rows: &[&Embedded], max_points: usize) -> Option<PcaMap> {
+    let mut sample: Vec<&Embedded> = rows.to_vec();
+    sample.sort_by_key(|r| (xxh3_64(r.key.as_bytes()), r.key.as_str()));
+    sample.truncate(max_points);
+    let (n, d) = (sample.len(), sample.first()?.embedding.len());
+    if n < 3 || d < 2 {
+        return None;
+    }
+    let mut x = DMatrix::<f64>::from_fn(n, d, |i, j| sample[i].embedding[j] as f64);
+    let mean = x.row_mean();
+    for mut row in x.row_iter_mut() {
+        row -= &mean;
+    }
+    let total: f64 = x.iter().map(|v| v * v).sum();
+    let coordinates = if d <= n {
+        let eigen = SymmetricEigen::new(x.transpose() * &x);
+        let top = leading(&eigen.eigenvalues, 2);
+        let axes = DMatrix::from_columns(&[
+            eigen.eigenvectors.column(top[0]),
+            eigen.eigenvectors.column(top[1]),
+        ]);
+        (
+            x * axes,
+            [eigen.eigenvalues[top[0]], eigen.eigenvalues[top[1]]],
+        )
+    } else {
+        let eigen = SymmetricEigen::new(&x * x.transpose());
+        let top = leading(&eigen.eigenvalues, 2);
+        let mut projected = DMatrix::zeros(n, 2);
+        for (c, &k) in top.iter().enumerate() {
+            let s = eigen.eigenvalues[k].max(0.0).sqrt();
+            projected.set_column(c, &(eigen.eigenvectors.column(k) * s));
+        }
+        (
+            projected,
+            [eigen.eigenvalues[top[0]], eigen.eigenvalues[top[1]]],
+        )
+    };
+    let (projected, variances) = coordinates;
+    let share = |v: f64| if total > 0.0 { v.max(0.0) / total } else { 0.0 };
+    Some(PcaMap {
+        explained: [share(variances[0]), share(variances[1])],
+        points: sample
+            .iter()
+            .enumerate()
+            .map(|(i, r)| MapPoint {
+                key: r.key.clone(),
+                label: r.label.clone().unwrap_or_default(),
+                x: projected[(i, 0)],
+                y: projected[(i, 1)],
+            })
+            .collect(),
+    })
+}
+
+/// Indices of the `k` largest eigenvalues, largest first.
+fn leading(values: &nalgebra::DVector<f64>, k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.truncate(k);
+    order
+}
+
+fn error_groups(errors: &[&Failure]) -> Vec<ErrorGroup> {
+    let mut groups: BTreeMap<(&str, &str), ErrorGroup> = BTreeMap::new();
+    for e in errors {
+        let group = groups
+            .entry((e.stage.as_str(), e.reason.as_str()))
+            .or_insert_with(|| ErrorGroup {
+                stage: e.stage.as_str().to_string(),
+                reason: e.reason.clone(),
+                count: 0,
+                keys: Vec::new(),
+            });
+        group.count += 1;
+        if group.keys.len() < 5 {
+            group.keys.push(e.key.clone());
+        }
+    }
+    let mut groups: Vec<ErrorGroup> = groups.into_values().collect();
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
+    groups
+}
+
+/// Objects per second of each epoch whose manifest records its commit time: the time since
+/// the previous commit of the same run, or since the run started for its first epoch.
+fn throughput(manifests: &[Manifest]) -> Vec<EpochThroughput> {
+    let mut last_commit: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for m in manifests {
+        let (Some(committed), Some(started)) = (m.committed_ms, m.run_started_ms) else {
+            continue;
+        };
+        let from = last_commit.get(m.run.as_str()).copied().unwrap_or(started);
+        last_commit.insert(&m.run, committed);
+        let seconds = committed.saturating_sub(from) as f64 / 1000.0;
+        let objects = m.rows + m.errors;
+        out.push(EpochThroughput {
+            epoch: m.epoch,
+            objects,
+            seconds,
+            per_second: if seconds > 0.0 {
+                objects as f64 / seconds
+            } else {
+                0.0
+            },
+        });
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const PAGE: &str = include_str!("report.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: String, label: &str, embedding: Vec<f32>) -> Embedded {
+        Embedded {
+            key,
+            etag: String::new(),
+            label: Some(label.into()),
+            width: 1,
+            height: 1,
+            embedding,
+            prediction: None,
+        }
+    }
+
+    /// Points spread along one direction (pairs of them off it by +-0.5 along another) in 6
+    /// dimensions: PCA finds that direction first, the wobble second, in the covariance
+    /// formulation (40 rows) and the Gram one (a sample of 4 rows fewer than 6 features).
+    #[test]
+    fn pca_finds_the_direction_of_largest_spread() {
+        let direction = [0.6f32, 0.0, 0.8, 0.0, 0.0, 0.0];
+        let t_of = |i: usize| (i / 2) as f32 - 9.5;
+        let rows: Vec<Embedded> = (0..40)
+            .map(|i| {
+                let wobble = if i % 2 == 0 { 0.5 } else { -0.5 };
+                let e = (0..6)
+                    .map(|j| direction[j] * t_of(i) + if j == 1 { wobble } else { 0.0 } + 1.0)
+                    .collect();
+                row(format!("k{i}"), "l", e)
+            })
+            .collect();
+        let refs: Vec<&Embedded> = rows.iter().collect();
+        let map = pca_map(&refs, 40).unwrap();
+        assert_eq!(map.points.len(), 40);
+        // Variance along t: mean of t^2 = (20^2 - 1) / 12 = 33.25; along the wobble 0.25.
+        let want = 33.25 / (33.25 + 0.25);
+        assert!(
+            (map.explained[0] - want).abs() < 1e-9,
+            "{:?}",
+            map.explained
+        );
+        assert!((map.explained[1] - (1.0 - want)).abs() < 1e-9);
+        for p in &map.points {
+            let i: usize = p.key[1..].parse().unwrap();
+            // PC1 is +-t (the sign of an eigenvector is free), PC2 +-the wobble.
+            assert!(
+                (p.x.abs() - t_of(i).abs() as f64).abs() < 1e-4,
+                "{}: {}",
+                p.key,
+                p.x
+            );
+            assert!((p.y.abs() - 0.5).abs() < 1e-4, "{}: {}", p.key, p.y);
+        }
+        let sample = pca_map(&refs, 4).unwrap();
+        assert_eq!(sample.points.len(), 4);
+        assert!(sample.explained[0] > 0.9, "{:?}", sample.explained);
+        assert!(sample.explained[0] + sample.explained[1] <= 1.0 + 1e-9);
+    }
+
+    /// Throughput comes from the commit times of each run's epochs; older manifests without
+    /// them are left out.
+    #[test]
+    fn throughput_per_epoch_from_commit_times() {
+        let manifest = |epoch, run: &str, started, committed, rows| Manifest {
+            epoch,
+            run: run.into(),
+            model: "m".into(),
+            weights_sha256: String::new(),
+            rows,
+            errors: 0,
+            files: Vec::new(),
+            run_started_ms: started,
+            committed_ms: committed,
+        };
+        let t = throughput(&[
+            manifest(0, "old", None, None, 5),
+            manifest(1, "r1", Some(1_000), Some(3_000), 100),
+            manifest(2, "r1", Some(1_000), Some(3_500), 100),
+            manifest(3, "r2", Some(10_000), Some(14_000), 40),
+        ]);
+        let rates: Vec<(u64, f64)> = t.iter().map(|e| (e.epoch, e.per_second)).collect();
+        assert_eq!(rates, [(1, 50.0), (2, 200.0), (3, 10.0)]);
+    }
+
+    /// The page carries its data and no `</script>` from a key can break out of it.
+    #[test]
+    fn the_page_embeds_its_data_safely() {
+        let rows = [
+            row("a/</script><b>.jpg".into(), "a", vec![1.0, 0.0]),
+            row("b/1.jpg".into(), "b", vec![0.0, 1.0]),
+            row("b/2.jpg".into(), "b", vec![0.0, 2.0]),
+        ];
+        let table = Table {
+            rows: rows.to_vec(),
+            ..Table::default()
+        };
+        let options = ReportOptions {
+            title: "out <1>".into(),
+            max_points: 10,
+        };
+        let page = ReportData::gather(&table, &[], None, &options).html();
+        assert_eq!(page.matches("</script>").count(), 2, "only the page's own");
+        assert!(page.contains("verger report: out &lt;1&gt;"));
+        assert!(page.contains(r#""labels":[["a",1],["b",2]]"#));
+    }
+}
