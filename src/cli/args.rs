@@ -108,9 +108,9 @@ pub struct TrainArgs {
     /// LogisticRegression(C=1)].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Rows per optimisation step.
-    #[arg(long, default_value_t = TrainConfig::default().batch, value_parser = at_least_one)]
-    pub batch: usize,
+    /// Rows per optimisation step [default: training rows / 200, within 64..=512].
+    #[arg(long, value_parser = at_least_one)]
+    pub batch: Option<usize>,
     /// Passes over the training rows at most.
     #[arg(long, default_value_t = TrainConfig::default().max_epochs, value_parser = at_least_one)]
     pub max_epochs: usize,

@@ -23,8 +23,9 @@ pub struct TrainConfig {
     /// L2 penalty on the weights (Adam's weight decay); `None`: 1 / training rows, the penalty
     /// of scikit-learn's `LogisticRegression(C=1)` on the mean loss.
     pub weight_decay: Option<f64>,
-    /// Rows per optimisation step.
-    pub batch: usize,
+    /// Rows per optimisation step; `None`: one 200th of the training rows, at least 64 and at
+    /// most 512 (small sets take many small steps, large ones fewer, cheaper passes).
+    pub batch: Option<usize>,
     /// Passes over the training rows at most.
     pub max_epochs: usize,
     /// Passes without a better validation loss before training stops.
@@ -41,7 +42,7 @@ impl Default for TrainConfig {
             hidden: None,
             learning_rate: 3e-3,
             weight_decay: None,
-            batch: 64,
+            batch: None,
             max_epochs: 300,
             patience: 10,
             validation_share: 0.1,
@@ -142,6 +143,10 @@ pub fn train(examples: &[Example], config: &TrainConfig) -> Result<Trained, Head
         )))
         .init();
 
+    let batch_rows = config
+        .batch
+        .unwrap_or((fit.len() / 200).clamp(64, 512))
+        .max(1);
     let mut history = Vec::new();
     // The head kept: of the last epoch that reached the highest validation accuracy so far (a
     // tie goes to the later, better converged epoch: the weight decay, more than an early
@@ -153,7 +158,7 @@ pub fn train(examples: &[Example], config: &TrainConfig) -> Result<Trained, Head
     for epoch in 1..=config.max_epochs {
         let order = shuffled(fit.len(), config.seed, epoch as u64);
         let mut total = 0.0;
-        for batch in order.chunks(config.batch.max(1)) {
+        for batch in order.chunks(batch_rows) {
             let index = Tensor::<1, Int>::from_data(
                 TensorData::new(batch.to_vec(), [batch.len()]),
                 &device,
@@ -329,7 +334,7 @@ mod tests {
     fn learns_separable_clusters_deterministically() {
         let rows = clusters(60);
         let config = TrainConfig {
-            batch: 16,
+            batch: Some(16),
             ..TrainConfig::default()
         };
         let trained = train(&examples(&rows), &config).unwrap();
