@@ -15,11 +15,7 @@ pub fn inspect(
     store: &StoreArgs,
     splits: &Splits,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    let store = runtime
-        .block_on(verger::storage::open(output, false, &store.options()))
-        .map_err(|e| e.on_side("output"))?;
-    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    let table = super::read_committed(output, store, "output")?;
     let latest: Vec<_> = table.latest_rows().into_iter().cloned().collect();
     let errors = table.current_errors();
     writeln!(

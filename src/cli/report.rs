@@ -28,11 +28,7 @@ pub fn report(
             )
         }
     };
-    let runtime = tokio::runtime::Runtime::new()?;
-    let store = runtime
-        .block_on(verger::storage::open(output, false, &store.options()))
-        .map_err(|e| e.on_side("input"))?;
-    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    let table = super::read_committed(output, store, "input")?;
     let options = ReportOptions {
         title: output.to_string(),
         max_points,

@@ -19,11 +19,7 @@ pub fn train(
     splits: &Splits,
     config: &TrainConfig,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    let store = runtime
-        .block_on(verger::storage::open(output, false, &store.options()))
-        .map_err(|e| e.on_side("input"))?;
-    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    let table = super::read_committed(output, store, "input")?;
     let Some(last) = table.manifests.last() else {
         bail!("{output} has no committed epoch: run `verger run --output {output}` first");
     };
