@@ -92,13 +92,9 @@ pub struct ReportData {
 }
 
 impl ReportData {
-    /// Gathers the page's data from a committed table and its manifests.
-    pub fn gather(
-        table: &Table,
-        manifests: &[Manifest],
-        metrics: Option<Metrics>,
-        options: &ReportOptions,
-    ) -> Self {
+    /// Gathers the page's data from a committed table (rows, errors and manifests).
+    pub fn gather(table: &Table, metrics: Option<Metrics>, options: &ReportOptions) -> Self {
+        let manifests = &table.manifests;
         let latest = table.latest_rows();
         let labels = crate::evaluate::label_counts(latest.iter().copied())
             .into_iter()
@@ -354,7 +350,7 @@ mod tests {
             title: "out <1>".into(),
             max_points: 10,
         };
-        let page = ReportData::gather(&table, &[], None, &options).html();
+        let page = ReportData::gather(&table, None, &options).html();
         assert_eq!(page.matches("</script>").count(), 2, "only the page's own");
         assert!(page.contains("verger report: out &lt;1&gt;"));
         assert!(page.contains(r#""labels":[["a",1],["b",2]]"#));

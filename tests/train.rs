@@ -45,21 +45,7 @@ fn json(path: &Path) -> serde_json::Value {
 }
 
 fn test_images() -> usize {
-    walk(&sample_dir().join("Test"))
-}
-
-fn walk(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(&path)
-            } else {
-                1
-            }
-        })
-        .sum()
+    files_under(&sample_dir().join("Test")).len()
 }
 
 /// Softmax regression on the Training rows classifies every Test image of the sample; the

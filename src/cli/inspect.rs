@@ -21,7 +21,7 @@ pub fn inspect(
     writeln!(
         out,
         "{output}: {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records ({} superseded by a successful retry)",
-        table.epochs,
+        table.manifests.len(),
         table.rows.len(),
         latest.len(),
         table.rows.len() - latest.len(),

@@ -33,7 +33,7 @@ pub fn report(
         title: output.to_string(),
         max_points,
     };
-    let data = ReportData::gather(&table, &table.manifests, metrics, &options);
+    let data = ReportData::gather(&table, metrics, &options);
     std::fs::write(html, data.html()).with_context(|| format!("writing {}", html.display()))?;
     writeln!(
         out,

@@ -14,9 +14,7 @@ pub struct Table {
     pub rows: Vec<Embedded>,
     /// One per failed attempt.
     pub errors: Vec<Failure>,
-    /// Number of committed epochs.
-    pub epochs: usize,
-    /// The manifests, by epoch.
+    /// The manifests, by epoch: one per committed epoch.
     pub manifests: Vec<crate::commit::Manifest>,
 }
 
@@ -52,10 +50,7 @@ impl Table {
 /// Everything committed in `store`.
 pub async fn read_table(store: &dyn ObjectStore) -> Result<Table, CommitError> {
     let committed = Committed::load(store).await?;
-    let mut table = Table {
-        epochs: committed.manifests.len(),
-        ..Table::default()
-    };
+    let mut table = Table::default();
     for file in committed.manifests.iter().flat_map(|m| &m.files) {
         for batch in read_batches(store, &file.key, None).await? {
             match file.kind {
