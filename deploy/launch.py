@@ -18,7 +18,7 @@ process i.
 
 - `start` copies the hostfile to every machine; in Docker mode it then waits (--docker-wait, 300s by
   default) until Docker answers on every machine (a new instance may still be installing it from its
-  user data); then each machine starts `verger <args after --> -n N -p I -h HOSTFILE`, in Docker
+  user data); then each machine starts `verger <args after --> -n N -p I -H HOSTFILE`, in Docker
   (`--network host`) or as a systemd unit. Running it again replaces a running cluster (the way to
   recover from a dead process: committed epochs are skipped).
 - `status` prints one line per machine: whether its container or unit is running (exit status 1 if
@@ -57,7 +57,7 @@ REMOTE_HOSTFILE = "/etc/verger/hosts.txt"
 UNIT_TEMPLATE = Path(__file__).resolve().parent / "systemd" / "verger.service"
 DEFAULT_SSH_OPTIONS = ("BatchMode=yes", "StrictHostKeyChecking=accept-new", "ConnectTimeout=10")
 # Set by the launcher on every process (timely's conventions); not accepted after `--`.
-CLUSTER_FLAGS = ("-n", "-p", "-h", "--processes", "--process", "--hostfile")
+CLUSTER_FLAGS = ("-n", "-p", "-H", "--processes", "--process", "--hostfile")
 COMMANDS = ("start", "status", "logs", "stop")
 DEFAULT_DOCKER_WAIT = "300s"
 DEFAULT_GRACE = "120s"
@@ -352,9 +352,9 @@ def check_verger_args(args: Sequence[str]) -> None:
         if arg == "--":
             break
         if arg.split("=", 1)[0] in CLUSTER_FLAGS or (
-            not arg.startswith("--") and arg[:2] in ("-n", "-p", "-h")
+            not arg.startswith("--") and arg[:2] in ("-n", "-p", "-H")
         ):
-            raise ValueError(f"{arg!r}: -n, -p and -h are set by launch.py for each process")
+            raise ValueError(f"{arg!r}: -n, -p and -H are set by launch.py for each process")
 
 
 def systemd_quote(arg: str, dollar: bool = True) -> str:
@@ -443,7 +443,7 @@ def plan(opts: argparse.Namespace, hosts: Sequence[str], verger_args: Sequence[s
     count = len(hosts)
     template = UNIT_TEMPLATE.read_text() if opts.mode == "systemd" else ""
     for index, host in enumerate(hosts):
-        argv = [*verger_args, "-n", str(count), "-p", str(index), "-h", remote]
+        argv = [*verger_args, "-n", str(count), "-p", str(index), "-H", remote]
         if opts.mode == "docker":
             env = [x for k, v in opts.env for x in ("--env", f"{k}={v}")]
             run = [
@@ -705,7 +705,7 @@ def parser() -> argparse.ArgumentParser:
         "start", parents=[common], help="write the hostfile and start one verger per machine (the default)",
         usage=f"launch.py [start] {_MACHINES} [options] -- VERGER_ARGS...",
         description="Start one verger process per machine as a timely cluster, replacing a running one.",
-        epilog="Everything after -- is passed to verger, followed by -n N -p I -h HOSTFILE.",
+        epilog="Everything after -- is passed to verger, followed by -n N -p I -H HOSTFILE.",
     )
     start.add_argument("--port", type=int, default=DEFAULT_PORT, help="timely port on every machine (default %(default)s)")
     start.add_argument("--image", default="verger", help="docker image (default %(default)s)")

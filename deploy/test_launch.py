@@ -221,7 +221,7 @@ class DryRun(unittest.TestCase):
             docker = [
                 "sudo", "docker", "run", "--detach", "--name", "verger", "--network", "host",
                 "--restart", "no", "--volume", "/etc/verger:/etc/verger:ro", "verger",
-                *VERGER, "-n", "2", "-p", str(index), "-h", "/etc/verger/hosts.txt",
+                *VERGER, "-n", "2", "-p", str(index), "-H", "/etc/verger/hosts.txt",
             ]
             rm = "sudo docker rm --force verger >/dev/null 2>&1 || true; "
             return shlex.join([*SSH, f"ec2-user@10.0.0.{index + 1}", rm + shlex.join(docker)])
@@ -243,8 +243,8 @@ class DryRun(unittest.TestCase):
             start(1),
         ]
         self.assertEqual(out.splitlines(), expected)
-        self.assertIn("-n 2 -p 0 -h /etc/verger/hosts.txt", out)
-        self.assertIn("-n 2 -p 1 -h /etc/verger/hosts.txt", out)
+        self.assertIn("-n 2 -p 0 -H /etc/verger/hosts.txt", out)
+        self.assertIn("-n 2 -p 1 -H /etc/verger/hosts.txt", out)
 
     def test_every_command_line_is_valid_shell(self):
         out = dry_run("--ips", "10.0.0.1,::1", "--", "run", "--input", "s3://b/in", "--output", "s3://b/out", "--include", "*.jpg", "--exclude", "it's/**")
@@ -279,7 +279,7 @@ class DryRun(unittest.TestCase):
         self.assertEqual(first[3:5], ["-o", "BatchMode=yes"])
         self.assertIn("-i k.pem a.internal 'install -D -m 0644 /tmp/verger-hosts.txt /srv/v/hosts'", out)
         self.assertIn("--volume /srv/v:/srv/v:ro --env VERGER_LOG=info registry/verger:1 run", out)
-        self.assertIn("-n 2 -p 1 -h /srv/v/hosts", out)
+        self.assertIn("-n 2 -p 1 -H /srv/v/hosts", out)
         self.assertNotIn("sudo", out)
 
     def test_systemd_units(self):
@@ -294,7 +294,7 @@ class DryRun(unittest.TestCase):
             self.assertIn(f"cat > {stage}/verger-{index}.service <<'EOF'", out)
             self.assertIn(
                 "ExecStart=/usr/local/bin/verger run --input s3://b/in --output "
-                f'"s3://b/with space/100%%" -w 2 -n 2 -p {index} -h /etc/verger/hosts.txt\n',
+                f'"s3://b/with space/100%%" -w 2 -n 2 -p {index} -H /etc/verger/hosts.txt\n',
                 out,
             )
             self.assertIn(f"{stage}/verger-{index}.service ec2-user@10.0.0.{index + 1}:/tmp/verger.service", out)
@@ -323,7 +323,7 @@ class Arguments(unittest.TestCase):
         self.assertIn("subcommand", usage_error("--ips", "10.0.0.1", "--", "--input", "x"))
 
     def test_cluster_flags_are_set_by_the_launcher_only(self):
-        for flag in (["-n", "3"], ["-p", "0"], ["-h", "f"], ["-n3"], ["--process=1"], ["--hostfile", "f"]):
+        for flag in (["-n", "3"], ["-p", "0"], ["-H", "f"], ["-n3"], ["--process=1"], ["--hostfile", "f"]):
             with self.subTest(flag=flag):
                 self.assertIn("set by launch.py", usage_error("--ips", "10.0.0.1", "--", *VERGER, *flag))
 
@@ -359,7 +359,7 @@ class RealRun(unittest.TestCase):
                 self.assertEqual(launch.main(args, run=run), 0)
             self.assertEqual(ran, printed)
             self.assertEqual((stage / "hosts.txt").read_text(), "10.0.0.1:2101\n10.0.0.2:2101\n")
-            self.assertIn("-p 1 -h", (stage / "verger-1.service").read_text())
+            self.assertIn("-p 1 -H", (stage / "verger-1.service").read_text())
 
     def test_a_failed_command_stops_the_launch(self):
         ran = []

@@ -187,7 +187,7 @@ impl ConnectWatchdog {
                         let message = missing_peers_message(&cluster, timeout);
                         tracing::error!("{message}");
                         eprintln!("verger: {message}");
-                        std::process::exit(CONNECT_TIMEOUT_EXIT_CODE);
+                        crate::shutdown::exit(CONNECT_TIMEOUT_EXIT_CODE);
                     }
                     done = signal
                         .wait_timeout(done, left)
@@ -280,7 +280,7 @@ pub fn watch_peers(addresses: &[String]) {
                  Restart every process to resume: committed epochs are kept, the others are \
                  redone."
             );
-            std::process::exit(LOST_PEER_EXIT_CODE);
+            crate::shutdown::exit(LOST_PEER_EXIT_CODE);
         }));
     });
 }

@@ -39,9 +39,14 @@ pub enum DecodeError {
     /// The bytes are not an image format verger reads.
     #[error("not a supported image (JPEG or PNG): {0}")]
     UnknownFormat(String),
-    /// A JPEG whose end-of-image marker is missing: the file was cut short.
-    #[error("truncated JPEG: no end-of-image marker")]
-    TruncatedJpeg,
+    /// A JPEG whose data ends before its end-of-image marker: the file was cut short.
+    #[error("truncated JPEG: its {len} bytes end inside {inside}, before the end-of-image marker")]
+    TruncatedJpeg {
+        /// The object's size.
+        len: usize,
+        /// Where the data ran out (a marker segment, or the compressed image data).
+        inside: &'static str,
+    },
     /// The decoder refused the bytes.
     #[error("{format:?} decoder failed: {reason}")]
     Corrupt {
@@ -150,17 +155,23 @@ pub fn decode_and_resize_within(
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .expect("reading from memory cannot fail")
-    };
-    let format = reader()
+    let format = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .expect("reading from memory cannot fail")
         .format()
         .ok_or_else(|| DecodeError::UnknownFormat(magic_hint(bytes)))?;
-    if format == ImageFormat::Jpeg && !has_jpeg_end_marker(bytes) {
-        return Err(DecodeError::TruncatedJpeg);
-    }
+    // A JPEG is decoded up to its end-of-image marker: what follows (the video of a
+    // motion photo, a second picture, appended metadata) is not the picture.
+    let bytes = if format == ImageFormat::Jpeg {
+        &bytes[..jpeg_end(bytes)?]
+    } else {
+        bytes
+    };
+    let reader = || {
+        let mut reader = ImageReader::new(Cursor::new(bytes));
+        reader.set_format(format);
+        reader
+    };
     let corrupt = |e: image::ImageError| DecodeError::Corrupt {
         format,
         reason: e.to_string(),
@@ -221,11 +232,62 @@ pub fn normalise_interleaved_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], out
     }
 }
 
-/// A JPEG ends with the EOI marker `FF D9`; some writers append padding after it, so the
-/// last few hundred bytes are searched, as tolerant readers do.
-fn has_jpeg_end_marker(bytes: &[u8]) -> bool {
-    let tail = &bytes[bytes.len().saturating_sub(512)..];
-    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+/// The length of the JPEG that starts `bytes`: up to and including the end-of-image marker
+/// of its primary picture, found by walking its marker segments (each skipped by its length,
+/// so a thumbnail inside the EXIF segment is not taken for the end) and the compressed data
+/// of its scans. Bytes after it are a trailer, not part of the picture. Data that ends before
+/// the marker is a truncated file: the decoder would fill the missing rows with grey and
+/// succeed, a silently wrong picture.
+fn jpeg_end(bytes: &[u8]) -> Result<usize, DecodeError> {
+    let truncated = |inside| DecodeError::TruncatedJpeg {
+        len: bytes.len(),
+        inside,
+    };
+    let mut pos = 2; // after SOI
+    loop {
+        // The next marker: 0xFF, any fill bytes 0xFF, then the marker code. Bytes that are
+        // not a marker where one belongs are skipped, as tolerant decoders do.
+        let Some(ff) = bytes[pos..].iter().position(|&b| b == 0xFF) else {
+            return Err(truncated("the headers"));
+        };
+        pos += ff;
+        while bytes.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        let Some(&code) = bytes.get(pos + 1) else {
+            return Err(truncated("a marker"));
+        };
+        pos += 2;
+        match code {
+            0xD9 => return Ok(pos),
+            // Stand-alone markers: restart markers, TEM, and a stray stuffed zero.
+            0xD0..=0xD7 | 0x01 | 0x00 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes.get(pos..pos + 2) else {
+            return Err(truncated("a marker segment's length"));
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if len < 2 || pos + len > bytes.len() {
+            return Err(truncated("a marker segment"));
+        }
+        pos += len;
+        if code == 0xDA {
+            // Start of scan: compressed data up to the next marker other than a stuffed
+            // zero (FF 00) or a restart marker (FF D0..D7).
+            loop {
+                let Some(ff) = bytes[pos..].iter().position(|&b| b == 0xFF) else {
+                    return Err(truncated("the compressed image data"));
+                };
+                pos += ff;
+                match bytes.get(pos + 1) {
+                    None => return Err(truncated("the compressed image data")),
+                    Some(0x00 | 0xD0..=0xD7 | 0xFF) => pos += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 /// The first bytes of an unknown object, printable, for the error record.
@@ -379,5 +441,116 @@ mod tests {
         let out = resize_rgb(rgb, 100, 100, 224);
         assert_eq!(out.len(), 224 * 224 * 3);
         assert!(out.chunks_exact(3).all(|p| p == [7, 100, 250]));
+    }
+
+    /// A 96x64 JPEG with detail in every block (so its compressed data is long), baseline
+    /// or progressive, with or without restart markers.
+    fn textured_jpeg(progressive: bool, restart: u16) -> Vec<u8> {
+        let (w, h) = (96u16, 64u16);
+        let mut rgb = Vec::new();
+        for y in 0..h as u32 {
+            for x in 0..w as u32 {
+                let v = (x * 7 + y * 13) ^ (x * y);
+                rgb.extend([v as u8, (v >> 3) as u8, (x * 3 + y) as u8]);
+            }
+        }
+        let mut out = Vec::new();
+        let mut encoder = jpeg_encoder::Encoder::new(&mut out, 90);
+        encoder.set_progressive(progressive);
+        if restart > 0 {
+            encoder.set_restart_interval(restart);
+        }
+        encoder
+            .encode(&rgb, w, h, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        out
+    }
+
+    fn jpeg_variants() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("baseline", textured_jpeg(false, 0)),
+            ("progressive", textured_jpeg(true, 0)),
+            ("baseline with restarts", textured_jpeg(false, 2)),
+        ]
+    }
+
+    /// Bytes after the end-of-image marker (a motion photo's video, a second picture,
+    /// padding) are not the picture: the same pixels come out, however long the trailer.
+    #[test]
+    fn bytes_after_the_end_of_a_jpeg_are_ignored() {
+        let mut noise = Vec::new();
+        let mut x = 0x9E37_79B9u32;
+        for _ in 0..(1 << 20) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            noise.push(x as u8);
+        }
+        for (name, jpeg) in jpeg_variants() {
+            let want = decode_and_resize(&jpeg, 224).unwrap();
+            let mut mp4 = b"\0\0\0\x18ftypmp42".to_vec();
+            mp4.extend(&noise[..8192]);
+            for (trailer_name, trailer) in [
+                ("4 KiB of noise", noise[..4096].to_vec()),
+                ("1 MiB of noise", noise.clone()),
+                ("a second JPEG", textured_jpeg(false, 0)),
+                ("a video", mp4),
+                ("zeros", vec![0; 600]),
+            ] {
+                let mut bytes = jpeg.clone();
+                bytes.extend(&trailer);
+                let got = decode_and_resize(&bytes, 224)
+                    .unwrap_or_else(|e| panic!("{name} + {trailer_name}: {e}"));
+                assert_eq!(got.rgb, want.rgb, "{name} + {trailer_name}");
+            }
+        }
+    }
+
+    /// A JPEG cut anywhere before its end-of-image marker is refused as truncated, naming
+    /// its length, instead of being decoded with grey rows.
+    #[test]
+    fn a_jpeg_cut_short_is_truncated_wherever_it_is_cut() {
+        for (name, jpeg) in jpeg_variants() {
+            let n = jpeg.len();
+            for cut in [3, 20, n / 10, n / 3, n / 2, n * 9 / 10, n - 3, n - 2, n - 1] {
+                match decode_and_resize(&jpeg[..cut], 224) {
+                    Err(DecodeError::TruncatedJpeg { len, .. }) => assert_eq!(len, cut),
+                    other => panic!("{name} cut at {cut} of {n}: {:?}", other.map(|_| ())),
+                }
+            }
+        }
+    }
+
+    /// An end-of-image marker inside a marker segment (the thumbnail in the EXIF segment)
+    /// is not the picture's end: a file cut after the thumbnail is still truncated.
+    #[test]
+    fn a_thumbnails_end_marker_is_not_the_pictures() {
+        let jpeg = textured_jpeg(false, 0);
+        let thumb = textured_jpeg(false, 0);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend(&thumb);
+        let mut with_thumb = jpeg[..2].to_vec();
+        with_thumb.extend([0xFF, 0xE1]);
+        with_thumb.extend(((app1.len() + 2) as u16).to_be_bytes());
+        with_thumb.extend(&app1);
+        with_thumb.extend(&jpeg[2..]);
+        let whole = decode_and_resize(&with_thumb, 224).unwrap();
+        assert_eq!(whole.rgb, decode_and_resize(&jpeg, 224).unwrap().rgb);
+        let cut = with_thumb.len() - jpeg.len() / 2;
+        assert!(
+            matches!(
+                decode_and_resize(&with_thumb[..cut], 224),
+                Err(DecodeError::TruncatedJpeg { .. })
+            ),
+            "cut after the thumbnail's end marker"
+        );
+        let err = decode_and_resize(&with_thumb[..cut], 224).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "truncated JPEG: its {cut} bytes end inside the compressed image data, \
+                 before the end-of-image marker"
+            )
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! bounded number in flight per worker. The read asks for the version that was listed: an
 //! object deleted or replaced since is not an error but [`Miss::Vanished`] (a replaced
 //! object's new version comes with the next listing); any other failure becomes the object's
-//! error record.
+//! error record, and so does what the listing found but could not give as an object.
 
 use std::sync::Arc;
 
@@ -27,6 +27,14 @@ pub async fn fetch(
     max_bytes: u64,
     metrics: Arc<Metrics>,
 ) -> Result<Fetched, Miss> {
+    if let Some(reason) = object.unlistable {
+        return Err(Miss::Failed(Failure {
+            key: object.key,
+            etag: object.etag,
+            stage: Stage::List,
+            reason,
+        }));
+    }
     if object.size > max_bytes {
         return Err(Miss::Failed(Failure {
             reason: format!(

@@ -24,6 +24,7 @@ pub mod operators;
 pub mod panic;
 pub mod record;
 pub mod report;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod stats;

@@ -20,11 +20,21 @@ use verger::source::{KeyFilter, Mode};
 const DEFAULT_LOG: &str =
     "warn,aws_config=error,aws_smithy_runtime=error,aws_smithy_runtime_api=error,aws_sdk_s3=error";
 
+/// Exit code of a usage error (clap's own).
+const USAGE_EXIT_CODE: u8 = 2;
+
 /// Exit code of a batch run whose input held nothing to process.
 const EMPTY_INPUT_EXIT_CODE: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run(args) = &cli.command {
+        let engine = &args.engine;
+        if let Err(e) = cli::tuning::check_worker_count(engine.workers, engine.oversubscribe) {
+            eprintln!("verger: error: {e}");
+            return ExitCode::from(USAGE_EXIT_CODE);
+        }
+    }
     let filter =
         EnvFilter::try_from_env("VERGER_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
     let logs = tracing_subscriber::fmt()

@@ -5,26 +5,31 @@
 //! batch of commits):
 //!
 //! - `listing`: the (key, ETag) versions of one listing page, present for one tick only;
-//! - `handled`: every version committed by earlier runs or released by this one;
+//! - `handled`: every version committed by earlier runs or released by this one, as
+//!   key -> (epoch, version);
 //! - `rows`: every committed row as key -> (epoch, label).
 //!
-//! `listing antijoin handled` is the set of new versions: a key never seen, or a key whose
-//! ETag changed (its row will supersede the old one). Versions released are added to
-//! `handled` at once, so a key listed again by the next poll, committed or still in flight, is
-//! not released twice; a key deleted from the store simply stops being listed. The per-label
+//! `handled` is reduced to the *current* version of each key, the one of its latest epoch:
+//! the version its current row embeds (or will, once in flight). `listing antijoin current`
+//! is the set of new versions: a key never seen, or a key whose listed ETag is not the one
+//! its current row embeds. That includes a version seen before: a picture put back (a
+//! revert, a restore from backup, `cp -p` of the original) after another one was committed
+//! at its key is processed again, and its row supersedes the other's. Versions released are
+//! added to `handled` at once, with the epoch they go into, so a key listed again by the next
+//! poll, committed or still in flight, is not released twice; a key deleted from the store
+//! simply stops being listed. The per-label
 //! count reduces `rows` to the latest epoch of each key and counts per label, so a superseding
 //! row replaces its predecessor instead of adding to the count. Both outputs are exchanged to
 //! worker 0, which drives the source; every other worker closes its inputs at once.
 //!
 //! Memory is the `handled` and `rows` arrangements, one entry per object version ever
 //! committed (listing pages come and go), so the arrangements hold fixed-size fingerprints,
-//! not strings: a version is the first 128 bits of SHA-256 over its key and ETag (a chance
-//! collision, which would skip an object, is about n^2 / 2^129: 10^-22 for 10^8 objects), a
-//! row is a 64-bit fingerprint of its key with its epoch and a 64-bit fingerprint of its
-//! label, whose name worker 0 keeps in a small table (labels are few). Three arrangements
-//! hold them: `handled` (the antijoin's), and the input and output of the latest-row
-//! reduction. Measured over 50,000 objects: about 1 KB per object with strings, 200 bytes
-//! with fingerprints and a `distinct` before the antijoin, 140 bytes without it.
+//! not strings: a key and a version are each the first 128 bits of SHA-256 (over the key,
+//! and over key and ETag; a chance collision, which would skip an object, is about
+//! n^2 / 2^129: 10^-22 for 10^8 objects), a row is a 64-bit fingerprint of its key with its
+//! epoch and a 64-bit fingerprint of its label, whose name worker 0 keeps in a small table
+//! (labels are few). The arrangements are the input and output of the two latest-per-key
+//! reductions (current version, latest row).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -45,10 +50,15 @@ use crate::storage::ObjectMeta;
 type Tick = u64;
 /// An object version: key and ETag.
 type Version = (String, String);
+/// A listed object as the listing collection holds it: version, size, and why it cannot be
+/// read, if so.
+type Listed = (Version, (u64, Option<String>));
 /// Fingerprint of a version (or of a key).
 type Fingerprint = u128;
 /// Fingerprint of a label.
 type LabelId = u64;
+/// A handled version: key fingerprint -> (epoch it went into, version fingerprint).
+type Handled = (Fingerprint, (Epoch, Fingerprint));
 /// A committed row: 64-bit key fingerprint -> (epoch, label fingerprint). (A collision
 /// here could only merge two keys in the per-label counts, a metric, never skip an object.)
 type Row = (u64, (Epoch, LabelId));
@@ -75,23 +85,23 @@ fn label_id(label: &str) -> LabelId {
 
 /// Handles on the incremental dataflow (see the module documentation).
 pub struct Novelty {
-    listing: InputSession<Tick, (Fingerprint, (Version, u64)), isize>,
-    handled: InputSession<Tick, Fingerprint, isize>,
+    listing: InputSession<Tick, ((Fingerprint, Fingerprint), Listed), isize>,
+    handled: InputSession<Tick, Handled, isize>,
     rows: InputSession<Tick, Row, isize>,
     probe: ProbeHandle<Tick>,
-    fresh: Rc<RefCell<Vec<(Version, u64)>>>,
+    fresh: Rc<RefCell<Vec<Listed>>>,
     labels: Rc<RefCell<BTreeMap<String, i64>>>,
     /// Label names by fingerprint, for the counts that come back as fingerprints.
     label_names: Rc<RefCell<HashMap<LabelId, String>>>,
     tick: Tick,
-    pending_rows: bool,
+    pending: bool,
 }
 
 impl Novelty {
     /// Builds the dataflow on this worker (every worker must, in the same order as the
     /// other dataflows). Per-label counts are written to `metrics` on worker 0.
     pub fn build(worker: &mut Worker, metrics: Arc<Metrics>) -> Self {
-        let fresh: Rc<RefCell<Vec<(Version, u64)>>> = Rc::default();
+        let fresh: Rc<RefCell<Vec<Listed>>> = Rc::default();
         let labels: Rc<RefCell<BTreeMap<String, i64>>> = Rc::default();
         let label_names: Rc<RefCell<HashMap<LabelId, String>>> = Rc::default();
         let probe = ProbeHandle::new();
@@ -99,16 +109,23 @@ impl Novelty {
         let names = label_names.clone();
         let (listing, handled, rows) = worker.dataflow::<Tick, _, _>(move |scope| {
             let (listing_in, listing) =
-                scope.new_collection::<(Fingerprint, (Version, u64)), isize>();
-            let (handled_in, handled) = scope.new_collection::<Fingerprint, isize>();
+                scope.new_collection::<((Fingerprint, Fingerprint), Listed), isize>();
+            let (handled_in, handled) = scope.new_collection::<Handled, isize>();
             let (rows_in, rows) = scope.new_collection::<Row, isize>();
 
-            // `handled` is a set: versions are added once, when first released (seeds from the
-            // manifests are deduplicated). Were one added twice, the antijoin would give it a
-            // negative count, which is not news either: no `distinct`, and its two
-            // arrangements, is needed.
+            // The current version of each key: the one of its latest epoch (values come
+            // sorted; a retracted release has no positive count left).
+            let current = handled.reduce(|_key, versions, current| {
+                if let Some(((_, version), _)) = versions.iter().rev().find(|(_, diff)| *diff > 0) {
+                    current.push((*version, 1isize));
+                }
+            });
+
+            // A listed version is news unless it is its key's current version. (Were a
+            // version added twice, the antijoin would give it a negative count, which is not
+            // news either.)
             listing
-                .antijoin(handled)
+                .antijoin(current)
                 // antijoin emits +1 and -1 for a handled version: only the sum means anything
                 .consolidate()
                 .inner
@@ -158,36 +175,43 @@ impl Novelty {
             labels,
             label_names,
             tick: 0,
-            pending_rows: false,
+            pending: false,
         }
     }
 
-    /// Marks versions as handled (committed by an earlier run) without releasing them.
-    pub fn add_handled(&mut self, versions: impl IntoIterator<Item = (String, String)>) {
+    /// Marks versions as handled in `epoch` (committed by an earlier run, or released into
+    /// that epoch by this one): of a key's handled versions, the one of the latest epoch is
+    /// current.
+    pub fn add_handled(&mut self, versions: impl IntoIterator<Item = (Epoch, String, String)>) {
         self.update_handled(versions, 1);
     }
 
-    /// Makes released versions new again (their read failed): the next listing that sees
-    /// them releases them once more.
-    pub fn forget_handled(&mut self, versions: impl IntoIterator<Item = (String, String)>) {
+    /// Takes back versions released into `epoch` whose read failed: their key's current
+    /// version is again the one before, so the next listing that sees them releases them
+    /// once more.
+    pub fn forget_handled(&mut self, versions: impl IntoIterator<Item = (Epoch, String, String)>) {
         self.update_handled(versions, -1);
     }
 
-    /// Adds `diff` to the handled count of each distinct version.
+    /// Adds `diff` to the handled count of each distinct (epoch, version).
     fn update_handled(
         &mut self,
-        versions: impl IntoIterator<Item = (String, String)>,
+        versions: impl IntoIterator<Item = (Epoch, String, String)>,
         diff: isize,
     ) {
-        let mut fingerprints: Vec<Fingerprint> = versions
+        let mut handled: Vec<Handled> = versions
             .into_iter()
-            .map(|(key, etag)| fingerprint(&[&key, &etag]))
+            .map(|(epoch, key, etag)| (fingerprint(&[&key]), (epoch, fingerprint(&[&key, &etag]))))
             .collect();
-        fingerprints.sort_unstable();
-        fingerprints.dedup();
-        for f in fingerprints {
-            self.handled.update(f, diff);
+        handled.sort_unstable();
+        handled.dedup();
+        for h in handled {
+            self.handled.update(h, diff);
         }
+        // Settled by the driver's next housekeeping, before the next listing page: a release
+        // and its forgetting in the same tick would cancel out, and a version listed in two
+        // consecutive ticks is not news the second time.
+        self.pending = true;
     }
 
     /// Adds committed rows of `epoch` to the per-label counts (applied at the next
@@ -200,20 +224,25 @@ impl Novelty {
             names.entry(id).or_insert(label);
             self.rows
                 .update((fingerprint(&[&r.key]) as u64, (epoch, id)), 1);
-            self.pending_rows = true;
+            self.pending = true;
         }
     }
 
     /// Whether rows were added since the last settle.
-    pub fn has_pending_rows(&self) -> bool {
-        self.pending_rows
+    pub fn has_pending(&self) -> bool {
+        self.pending
     }
 
-    /// The objects of `page` not handled yet, in the page's order; they count as handled from now on.
+    /// The objects of `page` whose listed version is not their key's current one, sorted
+    /// by key. Each must be marked [`released`](Self::released) with its epoch before the
+    /// next page is compared.
     pub fn new_objects(&mut self, worker: &mut Worker, page: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
         let now = self.tick;
         for o in page {
-            let item = (fingerprint(&[&o.key, &o.etag]), ((o.key, o.etag), o.size));
+            let item = (
+                (fingerprint(&[&o.key]), fingerprint(&[&o.key, &o.etag])),
+                ((o.key, o.etag), (o.size, o.unlistable)),
+            );
             self.listing.update_at(item.clone(), now + 1, -1);
             self.listing.update_at(item, now, 1);
         }
@@ -221,13 +250,26 @@ impl Novelty {
         let mut fresh = std::mem::take(&mut *self.fresh.borrow_mut());
         fresh.sort();
         fresh.dedup();
-        for ((key, etag), _) in &fresh {
-            self.handled.update(fingerprint(&[key, etag]), 1);
-        }
         fresh
             .into_iter()
-            .map(|((key, etag), size)| ObjectMeta { key, size, etag })
+            .map(|((key, etag), (size, unlistable))| ObjectMeta {
+                key,
+                size,
+                etag,
+                unlistable,
+            })
             .collect()
+    }
+
+    /// Records that `object` went into `epoch`: from now on it is its key's current version.
+    pub fn released(&mut self, epoch: Epoch, object: &ObjectMeta) {
+        self.handled.update(
+            (
+                fingerprint(&[&object.key]),
+                (epoch, fingerprint(&[&object.key, &object.etag])),
+            ),
+            1,
+        );
     }
 
     /// Moves to the next tick and steps the worker until every output of the current one
@@ -240,7 +282,7 @@ impl Novelty {
         self.listing.flush();
         self.handled.flush();
         self.rows.flush();
-        self.pending_rows = false;
+        self.pending = false;
         while self.probe.less_than(&self.tick) {
             worker.step_or_park(Some(Duration::from_millis(1)));
         }
@@ -263,11 +305,7 @@ mod tests {
     use super::*;
 
     fn meta(key: &str, etag: &str) -> ObjectMeta {
-        ObjectMeta {
-            key: key.into(),
-            size: 10,
-            etag: etag.into(),
-        }
+        ObjectMeta::new(key.into(), 10, etag.into())
     }
 
     fn row(key: &str, etag: &str, label: &str) -> RowId {
@@ -285,23 +323,49 @@ mod tests {
             .collect()
     }
 
+    /// Lists `page` and releases what is new into `epoch`, as the source does.
+    fn list_and_release(
+        n: &mut Novelty,
+        worker: &mut Worker,
+        epoch: Epoch,
+        page: Vec<ObjectMeta>,
+    ) -> Vec<(String, String)> {
+        let fresh = n.new_objects(worker, page);
+        for o in &fresh {
+            n.released(epoch, o);
+        }
+        fresh.into_iter().map(|o| (o.key, o.etag)).collect()
+    }
+
+    fn versions(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, e)| (k.to_string(), e.to_string()))
+            .collect()
+    }
+
     /// One worker, one thread: new versions only, changed ETags count as new, deletions and
     /// repeats do not; label counts follow the latest row of each key.
     #[test]
     fn listed_minus_handled_and_latest_rows_per_label() {
         timely::execute(timely::Config::thread(), |worker| {
             let mut n = Novelty::build(worker, Arc::new(Metrics::new()));
-            n.add_handled([("a/1".to_string(), "e1".to_string())]);
+            n.add_handled([(0, "a/1".to_string(), "e1".to_string())]);
             n.add_rows(0, [row("a/1", "e1", "a")]);
 
             let first = n.new_objects(worker, vec![meta("a/1", "e1"), meta("a/2", "e1")]);
             assert_eq!(keys(&first), [("a/2", "e1")], "a/1 was committed before");
+            n.released(1, &first[0]);
             // Polled again while a/2 is in flight: nothing new.
             let again = n.new_objects(worker, vec![meta("a/1", "e1"), meta("a/2", "e1")]);
             assert!(again.is_empty(), "{again:?}");
             // a/1 replaced, a/2 deleted, b/3 added.
-            let third = n.new_objects(worker, vec![meta("a/1", "e2"), meta("b/3", "e1")]);
-            assert_eq!(keys(&third), [("a/1", "e2"), ("b/3", "e1")]);
+            let third = list_and_release(
+                &mut n,
+                worker,
+                2,
+                vec![meta("a/1", "e2"), meta("b/3", "e1")],
+            );
+            assert_eq!(third, versions(&[("a/1", "e2"), ("b/3", "e1")]));
 
             n.add_rows(1, [row("a/2", "e1", "a")]);
             n.add_rows(2, [row("a/1", "e2", "a"), row("b/3", "e1", "b")]);
@@ -313,6 +377,82 @@ mod tests {
                 "a/1 superseded, not added: {counts:?}"
             );
             assert_eq!(counts.get("b"), Some(&1));
+        })
+        .unwrap();
+    }
+
+    /// A version put back after another one was released at its key (a revert, a restore
+    /// from backup) is new again: the current row must embed it, not the other one.
+    #[test]
+    fn a_version_that_comes_back_is_new_again_in_a_running_watch() {
+        timely::execute(timely::Config::thread(), |worker| {
+            let mut n = Novelty::build(worker, Arc::new(Metrics::new()));
+            let a = || vec![meta("k", "A"), meta("other", "x")];
+            let b = || vec![meta("k", "B"), meta("other", "x")];
+            assert_eq!(list_and_release(&mut n, worker, 0, a()).len(), 2);
+            assert_eq!(
+                list_and_release(&mut n, worker, 1, b()),
+                versions(&[("k", "B")])
+            );
+            assert_eq!(
+                list_and_release(&mut n, worker, 2, a()),
+                versions(&[("k", "A")]),
+                "A came back: its row must supersede B's"
+            );
+            assert!(list_and_release(&mut n, worker, 3, a()).is_empty());
+            assert_eq!(
+                list_and_release(&mut n, worker, 4, b()),
+                versions(&[("k", "B")])
+            );
+        })
+        .unwrap();
+    }
+
+    /// After a restart, the seeds decide by epoch: the version of a key's latest committed
+    /// epoch is current, older ones are new when listed again.
+    #[test]
+    fn seeds_make_the_latest_epochs_version_current() {
+        timely::execute(timely::Config::thread(), |worker| {
+            let mut n = Novelty::build(worker, Arc::new(Metrics::new()));
+            // Given out of order, as a manifest listing may.
+            n.add_handled([
+                (3, "k".to_string(), "B".to_string()),
+                (1, "k".to_string(), "A".to_string()),
+                (2, "j".to_string(), "J".to_string()),
+            ]);
+            assert!(n
+                .new_objects(worker, vec![meta("k", "B"), meta("j", "J")])
+                .is_empty());
+            assert_eq!(
+                keys(&n.new_objects(worker, vec![meta("k", "A"), meta("j", "J")])),
+                [("k", "A")]
+            );
+        })
+        .unwrap();
+    }
+
+    /// A release whose read failed is taken back: the listed version is new again, and the
+    /// version before it is current again.
+    #[test]
+    fn a_forgotten_release_gives_the_key_back_its_previous_version() {
+        timely::execute(timely::Config::thread(), |worker| {
+            let mut n = Novelty::build(worker, Arc::new(Metrics::new()));
+            n.add_handled([(0, "k".to_string(), "A".to_string())]);
+            assert_eq!(
+                list_and_release(&mut n, worker, 1, vec![meta("k", "B")]),
+                versions(&[("k", "B")])
+            );
+            n.forget_handled([(1, "k".to_string(), "B".to_string())]);
+            assert!(n.has_pending(), "the driver settles before the next page");
+            n.settle(worker);
+            assert_eq!(
+                list_and_release(&mut n, worker, 2, vec![meta("k", "B")]),
+                versions(&[("k", "B")]),
+                "the failed read is retried"
+            );
+            n.forget_handled([(2, "k".to_string(), "B".to_string())]);
+            n.settle(worker);
+            assert!(n.new_objects(worker, vec![meta("k", "A")]).is_empty());
         })
         .unwrap();
     }

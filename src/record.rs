@@ -11,6 +11,9 @@ pub const FEATURE_DIM: usize = 1280;
 /// The stage at which an object failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
+    /// Listing: found but not readable as an object (a folder that cannot be read, a name
+    /// that is not UTF-8); recorded once per listed version, as decode errors are.
+    List,
     /// Reading the object from the store (retried by the next run, or poll in watch mode).
     Fetch,
     /// Not read at all: larger than `--max-object-bytes` (not retried until it changes).
@@ -24,14 +27,21 @@ pub enum Stage {
 impl Stage {
     /// The stage named `name` in the errors table.
     pub fn from_name(name: &str) -> Option<Stage> {
-        [Stage::Fetch, Stage::Size, Stage::Decode, Stage::Embed]
-            .into_iter()
-            .find(|s| s.as_str() == name)
+        [
+            Stage::List,
+            Stage::Fetch,
+            Stage::Size,
+            Stage::Decode,
+            Stage::Embed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 
     /// Lower-case name, as written in the errors table.
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::List => "list",
             Stage::Fetch => "fetch",
             Stage::Size => "size",
             Stage::Decode => "decode",

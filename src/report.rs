@@ -1,7 +1,7 @@
 //! `verger report`: one self-contained HTML page of what an output holds, for a person. Rows
 //! per label, a 2-D PCA map of the embeddings coloured by label, a head's metrics and
 //! confusion matrix (given its `metrics.json`), the error records grouped by reason and the
-//! throughput of every committed epoch. The page embeds its data as JSON and draws its charts
+//! objects committed over wall-clock time by each run. The page embeds its data as JSON and draws its charts
 //! as SVG with a short inline script: no network, no external asset.
 
 use std::collections::BTreeMap;
@@ -46,16 +46,28 @@ pub struct MapPoint {
     pub y: f64,
 }
 
-/// Throughput of one committed epoch.
-#[derive(Clone, Debug, Serialize)]
-pub struct EpochThroughput {
+/// One committed epoch on its run's clock: when it committed, and the run's total by then.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Commit {
     /// The epoch.
     pub epoch: u64,
-    /// Rows and error records it committed.
-    pub objects: u64,
-    /// Seconds from the previous commit of its run (or the run's start) to its own.
+    /// Seconds from the run's start to this commit.
     pub seconds: f64,
-    /// Objects per second.
+    /// Rows and error records this epoch committed.
+    pub objects: u64,
+    /// Rows and error records the run had committed with this epoch.
+    pub total: u64,
+}
+
+/// Progress of one run: objects committed over wall-clock time. (Epochs overlap, so a rate
+/// per epoch would overstate the run's: its rate is the slope of this curve.)
+#[derive(Clone, Debug, Serialize)]
+pub struct RunProgress {
+    /// The run's id.
+    pub run: String,
+    /// Its commits, in order.
+    pub commits: Vec<Commit>,
+    /// Objects committed per second, from the run's start to its last commit.
     pub per_second: f64,
 }
 
@@ -86,7 +98,7 @@ pub struct ReportData {
     /// Current error records grouped by stage and reason, largest group first.
     pub errors: Vec<ErrorGroup>,
     /// Per epoch, for manifests that record their commit time.
-    pub throughput: Vec<EpochThroughput>,
+    pub throughput: Vec<RunProgress>,
     /// Models of the manifests.
     pub models: Vec<String>,
 }
@@ -213,31 +225,41 @@ fn error_groups(errors: &[&Failure]) -> Vec<ErrorGroup> {
     groups
 }
 
-/// Objects per second of each epoch whose manifest records its commit time: the time since
-/// the previous commit of the same run, or since the run started for its first epoch.
-fn throughput(manifests: &[Manifest]) -> Vec<EpochThroughput> {
-    let mut last_commit: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut out = Vec::new();
+/// Each run's commits over wall-clock time, from the manifests that record their commit time
+/// (older ones do not), runs in the order of their first epoch.
+fn throughput(manifests: &[Manifest]) -> Vec<RunProgress> {
+    let mut runs: Vec<RunProgress> = Vec::new();
     for m in manifests {
         let (Some(committed), Some(started)) = (m.committed_ms, m.run_started_ms) else {
             continue;
         };
-        let from = last_commit.get(m.run.as_str()).copied().unwrap_or(started);
-        last_commit.insert(&m.run, committed);
-        let seconds = committed.saturating_sub(from) as f64 / 1000.0;
+        let run = match runs.iter().position(|r| r.run == m.run) {
+            Some(i) => &mut runs[i],
+            None => {
+                runs.push(RunProgress {
+                    run: m.run.clone(),
+                    commits: Vec::new(),
+                    per_second: 0.0,
+                });
+                runs.last_mut().expect("just pushed")
+            }
+        };
         let objects = m.rows + m.errors;
-        out.push(EpochThroughput {
+        let total = run.commits.last().map_or(0, |c| c.total) + objects;
+        let seconds = committed.saturating_sub(started) as f64 / 1000.0;
+        run.commits.push(Commit {
             epoch: m.epoch,
-            objects,
             seconds,
-            per_second: if seconds > 0.0 {
-                objects as f64 / seconds
-            } else {
-                0.0
-            },
+            objects,
+            total,
         });
+        run.per_second = if seconds > 0.0 {
+            total as f64 / seconds
+        } else {
+            0.0
+        };
     }
-    out
+    runs
 }
 
 fn escape(text: &str) -> String {
@@ -309,10 +331,11 @@ mod tests {
         assert!(sample.explained[0] + sample.explained[1] <= 1.0 + 1e-9);
     }
 
-    /// Throughput comes from the commit times of each run's epochs; older manifests without
-    /// them are left out.
+    /// Throughput is each run's objects committed over its own clock; its rate is the
+    /// slope to the last commit, not the sum of per-epoch rates (epochs overlap). Older
+    /// manifests without commit times are left out.
     #[test]
-    fn throughput_per_epoch_from_commit_times() {
+    fn throughput_is_committed_objects_over_wall_clock_time_per_run() {
         let manifest = |epoch, run: &str, started, committed, rows| Manifest {
             epoch,
             run: run.into(),
@@ -324,14 +347,35 @@ mod tests {
             run_started_ms: started,
             committed_ms: committed,
         };
-        let t = throughput(&[
+        let runs = throughput(&[
             manifest(0, "old", None, None, 5),
             manifest(1, "r1", Some(1_000), Some(3_000), 100),
+            // Committed 0.5 s after the first, but it was in flight alongside it.
             manifest(2, "r1", Some(1_000), Some(3_500), 100),
             manifest(3, "r2", Some(10_000), Some(14_000), 40),
         ]);
-        let rates: Vec<(u64, f64)> = t.iter().map(|e| (e.epoch, e.per_second)).collect();
-        assert_eq!(rates, [(1, 50.0), (2, 200.0), (3, 10.0)]);
+        let summary: Vec<(&str, f64)> = runs
+            .iter()
+            .map(|r| (r.run.as_str(), r.per_second))
+            .collect();
+        assert_eq!(summary, [("r1", 80.0), ("r2", 10.0)]);
+        assert_eq!(
+            runs[0].commits,
+            [
+                Commit {
+                    epoch: 1,
+                    seconds: 2.0,
+                    objects: 100,
+                    total: 100
+                },
+                Commit {
+                    epoch: 2,
+                    seconds: 2.5,
+                    objects: 100,
+                    total: 200
+                },
+            ]
+        );
     }
 
     /// The page carries its data and no `</script>` from a key can break out of it.

@@ -260,7 +260,7 @@ impl Driver {
                     tracing::warn!("{e}; trying again at the next poll");
                 }
             }
-            self.close_epoch(worker);
+            self.close_epoch(worker, stop);
             let Mode::Watch { poll_interval } = mode else {
                 return Ok(());
             };
@@ -290,7 +290,7 @@ impl Driver {
     ) -> Result<(), ListingError> {
         loop {
             if stop() {
-                self.stats.interrupted = true;
+                self.stats.interrupted = !self.nothing_left(worker, &mut pages);
                 return Ok(()); // dropping `pages` ends the listing task
             }
             self.housekeeping(worker);
@@ -301,7 +301,7 @@ impl Driver {
                         .opened
                         .is_some_and(|t| t.elapsed() >= self.policy.max_epoch_age)
                     {
-                        self.close_epoch(worker);
+                        self.close_epoch(worker, stop);
                     }
                     worker.step_or_park(Some(Duration::from_millis(5)));
                     continue;
@@ -320,27 +320,56 @@ impl Driver {
             let fresh = self.novelty.new_objects(worker, accepted);
             self.stats.skipped += (offered - fresh.len()) as u64;
             for object in fresh {
-                self.release(worker, object);
+                // A stop releases nothing more, even in the middle of a page.
+                if stop() {
+                    self.stats.interrupted = true;
+                    return Ok(());
+                }
+                self.release(worker, object, stop);
             }
             worker.step();
         }
     }
 
-    fn release(&mut self, worker: &mut Worker, object: ObjectMeta) {
+    /// After a stop: whether the listing held nothing new beyond what was released. Pages
+    /// already received are compared (nothing is released); a listing still under way may
+    /// hold more, so it counts as something left.
+    fn nothing_left(&mut self, worker: &mut Worker, pages: &mut Pages) -> bool {
+        use tokio::sync::mpsc::error::TryRecvError;
+        loop {
+            match pages.try_recv() {
+                Ok(Ok(page)) => {
+                    let accepted: Vec<ObjectMeta> = page
+                        .into_iter()
+                        .filter(|o| self.filter.accepts(&o.key))
+                        .collect();
+                    if !self.novelty.new_objects(worker, accepted).is_empty() {
+                        return false;
+                    }
+                }
+                Ok(Err(_)) | Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
+    fn release(&mut self, worker: &mut Worker, object: ObjectMeta, stop: &dyn Fn() -> bool) {
         self.bytes += object.size;
         self.keys += 1;
         self.stats.released += 1;
         self.metrics.released.inc();
         self.opened.get_or_insert_with(Instant::now);
-        self.input.as_mut().expect("input open").send(object);
+        let input = self.input.as_mut().expect("input open");
+        self.novelty.released(*input.time(), &object);
+        input.send(object);
         if self.keys >= self.policy.epoch_keys || self.bytes >= self.policy.epoch_bytes {
-            self.close_epoch(worker);
+            self.close_epoch(worker, stop);
         }
     }
 
     /// Closes the open epoch, if it has objects, then waits while `max_epochs_in_flight`
-    /// epochs are unfinished (backpressure).
-    fn close_epoch(&mut self, worker: &mut Worker) {
+    /// epochs are unfinished (backpressure), or until `stop` says so.
+    fn close_epoch(&mut self, worker: &mut Worker, stop: &dyn Fn() -> bool) {
         let Some(opened) = self.opened.take() else {
             return;
         };
@@ -352,7 +381,7 @@ impl Driver {
         (self.keys, self.bytes) = (0, 0);
         let max = self.policy.max_epochs_in_flight.max(1);
         let next = epoch + 1;
-        while next >= max && self.probe.less_equal(&(next - max)) {
+        while next >= max && self.probe.less_equal(&(next - max)) && !stop() {
             self.housekeeping(worker);
             worker.step_or_park(Some(Duration::from_millis(100)));
         }
@@ -368,10 +397,10 @@ impl Driver {
             self.committed.epochs += 1;
             self.novelty.add_rows(m.epoch, report.rows);
             if self.retry_failed_reads {
-                self.forget_failed_reads(report.failed_reads);
+                self.forget_failed_reads(m.epoch, report.failed_reads);
             }
         }
-        if self.novelty.has_pending_rows() {
+        if self.novelty.has_pending() {
             self.novelty.settle(worker);
         }
         while let Some(&(epoch, _)) = self.unfinished.front() {
@@ -409,9 +438,9 @@ impl Driver {
         }
     }
 
-    /// Makes versions whose read failed new again, so that the next poll releases them, at
-    /// most [`FETCH_RETRIES`] times each.
-    fn forget_failed_reads(&mut self, failed: Vec<RowId>) {
+    /// Makes versions whose read failed in `epoch` new again, so that the next poll releases
+    /// them, at most [`FETCH_RETRIES`] times each.
+    fn forget_failed_reads(&mut self, epoch: Epoch, failed: Vec<RowId>) {
         let mut again = Vec::new();
         for row in failed {
             let version = (row.key, row.etag);
@@ -432,13 +461,15 @@ impl Driver {
                 );
             }
         }
-        self.novelty.forget_handled(again);
+        self.novelty
+            .forget_handled(again.into_iter().map(|(key, etag)| (epoch, key, etag)));
     }
 
     /// Closes the input and steps until every released epoch is committed; returns the
     /// committed rows per label of the whole output.
     pub fn finish(&mut self, worker: &mut Worker) -> BTreeMap<String, u64> {
-        self.close_epoch(worker);
+        // No need to wait for room here: everything released is waited for below.
+        self.close_epoch(worker, &|| true);
         self.input.take();
         while !self.probe.done() {
             self.housekeeping(worker);

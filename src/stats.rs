@@ -129,8 +129,9 @@ mod tests {
         assert_eq!(v, 7);
         clock.time(TimedStage::Decode, || ());
         let s = clock.seconds();
-        assert!(s.embed >= 0.03 && s.embed < 1.0, "{s:?}");
-        assert!(s.decode < 0.01 && s.write == 0.0, "{s:?}");
+        // Lower bounds and order only: a loaded machine can stretch any span.
+        assert!(s.embed >= 0.03, "the 30 ms sleep counts as embed: {s:?}");
+        assert!(s.decode < s.embed && s.write == 0.0, "{s:?}");
         let shares = s.shares(0.06);
         let sum = shares.decode + shares.embed + shares.write + shares.other;
         assert!(

@@ -9,7 +9,7 @@ use common::*;
 use image::{ImageBuffer, Luma, Rgb, Rgba};
 
 fn sample_jpeg() -> Vec<u8> {
-    std::fs::read(sample_dir().join("Test/apple/r_321_100.jpg")).unwrap()
+    std::fs::read(sample_dir().join("Test/apple/321_100.jpg")).unwrap()
 }
 
 fn sample_rgb() -> image::RgbImage {
@@ -244,4 +244,80 @@ fn an_output_inside_the_input_is_not_taken_as_input() {
         err.to_string().contains("is the input directory itself"),
         "{err}"
     );
+
+    // A folder of images as output (`--output in/apple`) is refused before anything is
+    // written: verger would write its table among the pictures.
+    let err = verger::dataflow::run(&config(&input, &class, 1, 8), shared_embedder()).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.starts_with("the output ")
+            && message.ends_with(
+                "apple holds 321_100.jpg, which verger did not write: give the output an empty \
+                 folder (or one verger wrote)"
+            ),
+        "{message}"
+    );
+    let mut left: Vec<String> = files_under(&class);
+    left.sort();
+    assert_eq!(
+        left,
+        ["321_100.jpg", "322_100.jpg", "323_100.jpg"],
+        "nothing written"
+    );
+}
+
+/// Sample photos with bytes after their end-of-image marker (a motion photo's video, a second
+/// JPEG, appended metadata) are the same pictures: rows equal to the plain photo's. The same
+/// photos cut short anywhere before that marker are error records saying "truncated JPEG".
+#[test]
+fn jpeg_trailers_are_the_same_picture_and_cut_photos_are_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let output = dir.path().join("out");
+    let class = input.join("apple");
+    std::fs::create_dir_all(&class).unwrap();
+    let photo = sample_jpeg();
+    let second = std::fs::read(sample_dir().join("Test/apple/322_100.jpg")).unwrap();
+    let noise: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let with = |trailer: &[u8]| [photo.as_slice(), trailer].concat();
+    std::fs::write(class.join("plain.jpg"), &photo).unwrap();
+    std::fs::write(class.join("trailer-4k.jpg"), with(&noise[..4096])).unwrap();
+    std::fs::write(class.join("trailer-1m.jpg"), with(&noise)).unwrap();
+    std::fs::write(class.join("second-jpeg.jpg"), with(&second)).unwrap();
+    let cuts = [
+        photo.len() / 5,
+        photo.len() / 2,
+        photo.len() * 4 / 5,
+        photo.len() - 2,
+    ];
+    for cut in cuts {
+        std::fs::write(class.join(format!("cut-{cut}.jpg")), &photo[..cut]).unwrap();
+    }
+    let summary = run(&config(&input, &output, 2, 8));
+    assert_eq!((summary.embedded, summary.errors), (4, cuts.len() as u64));
+
+    let table = read_output(&output);
+    let rows = by_key(table.rows);
+    let plain = &rows["apple/plain.jpg"].embedding;
+    for key in ["trailer-4k", "trailer-1m", "second-jpeg"] {
+        let row = &rows[&format!("apple/{key}.jpg")];
+        assert!(max_abs_diff(&row.embedding, plain) <= 1e-5, "{key}");
+    }
+    for cut in cuts {
+        let key = format!("apple/cut-{cut}.jpg");
+        let error = table
+            .errors
+            .iter()
+            .find(|e| e.key == key)
+            .unwrap_or_else(|| panic!("no error record for {key}"));
+        assert!(
+            error
+                .reason
+                .starts_with(&format!("truncated JPEG: its {cut} bytes end inside")),
+            "{key}: {}",
+            error.reason
+        );
+    }
 }

@@ -627,3 +627,202 @@ fn many_more_workers_than_cores_warn() {
         "{stderr}"
     );
 }
+
+/// More than 4 workers per core is refused with one line (exit 2, before any thread starts:
+/// `-w 100000` used to be killed for memory), unless --oversubscribe says it is meant.
+#[test]
+fn far_too_many_workers_are_refused_unless_oversubscribe() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("empty");
+    std::fs::create_dir_all(&input).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let run = |workers: usize, extra: &[&str]| {
+        verger()
+            .args([
+                "run",
+                "--allow-empty",
+                "-w",
+                &workers.to_string(),
+                "--input",
+            ])
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for workers in [4 * cores + 1, 100_000] {
+        let out = run(workers, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "verger: error: -w {workers} is more than 4 workers per core"
+            )) && stderr.contains("--oversubscribe"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("out").exists(), "nothing written");
+    }
+    let out = run(4 * cores, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(4 * cores + 1, &["--oversubscribe"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `-h` is help, as in every tool (the hostfile is `-H`): `verger run -h` prints the options
+/// and exits 0.
+#[test]
+fn dash_h_prints_help() {
+    for args in [&["run", "-h"][..], &["run", "--help"], &["-h"]] {
+        let out = verger().args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("Usage: verger"), "{args:?}: {stdout}");
+    }
+    let out = verger().args(["run", "-h"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("-H, --hostfile <HOSTFILE>"), "{help}");
+    assert!(help.contains("--oversubscribe"), "{help}");
+    for flag in ["--part-size-mib", "--multipart-threshold-mib", "--backend"] {
+        assert!(help.contains(flag), "run lists {flag}: {help}");
+    }
+
+    // Each subcommand lists only its own options: the readers do not upload, `model fetch`
+    // runs no network.
+    let help_of = |args: &[&str]| {
+        let out = verger().args(args).arg("-h").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for command in [&["inspect"][..], &["report"], &["train"]] {
+        let help = help_of(command);
+        assert!(help.contains("--endpoint-url"), "{command:?}: {help}");
+        for flag in ["--part-size-mib", "--multipart-threshold-mib", "--backend"] {
+            assert!(!help.contains(flag), "{command:?} lists {flag}: {help}");
+        }
+    }
+    let help = help_of(&["model", "fetch"]);
+    assert!(
+        help.contains("--weights") && !help.contains("--backend"),
+        "{help}"
+    );
+}
+
+/// `inspect` and `report` on a location that holds no committed epoch say what it holds and
+/// exit 1, instead of reporting "0 committed epochs" with success.
+#[test]
+fn inspect_and_report_refuse_what_is_not_a_verger_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("apple")).unwrap();
+    std::fs::write(photos.join("apple/1.jpg"), b"x").unwrap();
+    for (location, says) in [
+        (&empty, "is empty".to_string()),
+        (
+            &photos,
+            "is not a verger output (it holds apple/1.jpg, and no manifest)".to_string(),
+        ),
+    ] {
+        for command in [&["inspect"][..], &["report", "--html", "r.html"]] {
+            let out = verger()
+                .args(&command[..1])
+                .arg(location)
+                .args(&command[1..])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{command:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(stderr.trim_end().ends_with(&says), "{command:?}: {stderr}");
+        }
+    }
+}
+
+/// A folder that cannot be read is one error record (stage `list`, naming the folder and the
+/// reason), and the rest of the input is embedded: it used to stop the run with exit 1 before
+/// a single image. Run as `nobody` when the tests run as root (root reads any folder).
+#[test]
+fn an_unreadable_folder_is_an_error_record_and_the_rest_is_embedded() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    mode(dir.path(), 0o755);
+    let input = dir.path().join("in");
+    let photos = files_under(&sample_dir().join("Test/apple"));
+    for (i, key) in ["apple/1.jpg", "locked/2.jpg", "zebra/3.jpg"]
+        .iter()
+        .enumerate()
+    {
+        let to = input.join(key);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(sample_dir().join("Test/apple").join(&photos[i]), &to).unwrap();
+        mode(&to, 0o644);
+        mode(to.parent().unwrap(), 0o755);
+    }
+    mode(&input, 0o755);
+    let weights_copy = dir.path().join("weights.pth");
+    std::fs::copy(weights(), &weights_copy).unwrap();
+    mode(&weights_copy, 0o644);
+    let output = dir.path().join("out");
+    std::fs::create_dir_all(&output).unwrap();
+    mode(&output, 0o777);
+    mode(&input.join("locked"), 0o000);
+
+    let as_root = std::fs::metadata(&weights_copy).unwrap().uid() == 0;
+    let mut cmd = if as_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_verger"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_verger"))
+    };
+    let out = cmd
+        .env("VERGER_WEIGHTS", &weights_copy)
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .args(["run", "-w", "1", "--no-progress", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    mode(&input.join("locked"), 0o755);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let table = read_output(&output);
+    let mut keys: Vec<&str> = table.rows.iter().map(|r| r.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["apple/1.jpg", "zebra/3.jpg"]);
+    assert_eq!(table.errors.len(), 1, "{:?}", table.errors);
+    let error = &table.errors[0];
+    assert_eq!(
+        (error.key.as_str(), error.stage),
+        ("locked/", verger::record::Stage::List)
+    );
+    assert!(
+        error
+            .reason
+            .starts_with("the folder cannot be read: Permission denied"),
+        "{}",
+        error.reason
+    );
+}

@@ -1,4 +1,4 @@
-//! Several `verger run` processes as one timely computation (`-n`, `-p`, `-h`), on loopback
+//! Several `verger run` processes as one timely computation (`-n`, `-p`, `-H`), on loopback
 //! against a real S3 server (SeaweedFS): the same output as one process, and a lost process
 //! stops the others with its name, after which a restart completes exactly once.
 
@@ -49,7 +49,7 @@ fn start(endpoint: &str, output: &str, w: usize, n: usize, p: usize, hosts: &Pat
             "-p",
             &p.to_string(),
         ])
-        .arg("-h")
+        .arg("-H")
         .arg(hosts)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -146,7 +146,8 @@ fn processes_times_workers_do_not_change_the_output() {
     }
 }
 
-/// kill -9 one of two processes mid-run: the other exits non-zero naming it within 30 s;
+/// kill -9 one of two processes mid-run: the other exits non-zero naming it within 30 s,
+/// releasing the output's lease on the way out;
 /// restarting both completes with every image exactly once and nothing left over.
 #[test]
 fn a_killed_process_stops_its_peer_and_a_restart_completes_exactly_once() {
@@ -195,6 +196,13 @@ fn a_killed_process_stops_its_peer_and_a_restart_completes_exactly_once() {
     );
     let partial = read_location(output, &options(&endpoint));
     assert!(partial.rows.len() < SAMPLE_IMAGES, "killed after the end");
+    // It went through the same clean-up as any other end: the lease is given up (a restart
+    // from another host need not wait for it to expire).
+    assert!(
+        rt.block_on(list_keys(&client, "fruits", "out/_lease.json"))
+            .is_empty(),
+        "the lease is left behind:\n{stderr}"
+    );
 
     // Restart both on fresh ports: the run completes, exactly once.
     run_cluster(&endpoint, output, 1, 2, dir.path());
@@ -225,7 +233,7 @@ fn a_peer_that_never_connects_is_named_after_the_connect_timeout() {
             .arg("--output")
             .arg(&out)
             .args(["-w", "1", "-n", "2", "-p", &me.to_string()])
-            .args(["--connect-timeout", "2s", "-h"])
+            .args(["--connect-timeout", "2s", "-H"])
             .arg(&hosts)
             .output()
             .unwrap();

@@ -65,7 +65,7 @@ fn dry_run_shows_the_hostfile_and_one_process_per_machine() {
         "{stdout}"
     );
     for process in 0..2 {
-        let flags = format!("-w 2 -n 2 -p {process} -h /etc/verger/hosts.txt");
+        let flags = format!("-w 2 -n 2 -p {process} -H /etc/verger/hosts.txt");
         assert!(stdout.contains(flags.as_str()), "no `{flags}` in\n{stdout}");
     }
     assert!(

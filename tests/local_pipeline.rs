@@ -216,3 +216,69 @@ fn every_row_carries_the_epoch_of_its_manifest() {
     }
     assert_eq!(rows, SAMPLE_IMAGES);
 }
+
+/// A picture put back at its key after another one was committed there (a revert, a restore
+/// from backup, `cp -p` of the original, which also restores the modification time and so
+/// the version tag) is embedded again, and the key's current row embeds it, not the other.
+#[test]
+fn a_version_that_comes_back_supersedes_the_one_it_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let output = dir.path().join("out");
+    let class = input.join("Fruit");
+    std::fs::create_dir_all(&class).unwrap();
+    let picture_a = std::fs::read(sample_dir().join("Test/apple/321_100.jpg")).unwrap();
+    let other = files_under(&sample_dir().join("Test"))
+        .into_iter()
+        .find(|k| !k.starts_with("apple/"))
+        .unwrap();
+    let picture_b = std::fs::read(sample_dir().join("Test").join(other)).unwrap();
+    assert_ne!(picture_a, picture_b);
+    let key = "Fruit/x.jpg";
+    let path = input.join(key);
+    std::fs::write(class.join("unchanged.jpg"), &picture_a).unwrap();
+    let put = |bytes: &[u8], mtime_secs: u64| {
+        std::fs::write(&path, bytes).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime_secs))
+            .unwrap();
+    };
+    let current = || {
+        let table = read_output(&output);
+        let row = table
+            .latest_rows()
+            .into_iter()
+            .find(|r| r.key == key)
+            .cloned()
+            .unwrap();
+        row
+    };
+
+    put(&picture_a, 1_700_000_000);
+    assert_eq!(run(&config(&input, &output, 1, 16)).embedded, 2);
+    let row_a = current();
+    put(&picture_b, 1_700_000_100);
+    assert_eq!(run(&config(&input, &output, 1, 16)).embedded, 1);
+    let row_b = current();
+    assert_ne!(row_a.etag, row_b.etag);
+    assert!(cosine(&row_a.embedding, &row_b.embedding) < 0.99);
+
+    // A back, with its original modification time: the same version tag as the first run's.
+    put(&picture_a, 1_700_000_000);
+    let third = run(&config(&input, &output, 1, 16));
+    assert_eq!(
+        (third.embedded, third.source.skipped),
+        (1, 1),
+        "A is embedded again, the unchanged file skipped"
+    );
+    let row = current();
+    assert_eq!(row.etag, row_a.etag);
+    assert!(
+        max_abs_diff(&row.embedding, &row_a.embedding) <= 1e-5,
+        "the current row embeds the bytes at the key"
+    );
+    // And it stays current: a fourth run has nothing to do.
+    let fourth = run(&config(&input, &output, 1, 16));
+    assert_eq!((fourth.embedded, fourth.source.skipped), (0, 2));
+    assert_eq!(current().etag, row_a.etag);
+}

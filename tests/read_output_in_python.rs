@@ -64,6 +64,24 @@ fn verger_run(input: &Path, output: &Path) {
     );
 }
 
+/// Runs a README snippet in `dir` (where its `features/` is), asserts it succeeds, returns
+/// what it printed.
+fn run_snippet(block: &str, dir: &Path) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(block)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "README snippet failed in {}:\n{block}\n--- stderr\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn readme_snippets_read_the_latest_row_of_each_key_and_the_errors() {
     require_python_packages();
@@ -98,22 +116,7 @@ fn readme_snippets_read_the_latest_row_of_each_key_and_the_errors() {
 
     let blocks = readme_python_blocks("## Reading the output (pandas, DuckDB)");
     assert_eq!(blocks.len(), 2, "a pandas and a DuckDB snippet");
-    let mut printed = Vec::new();
-    for block in &blocks {
-        let out = Command::new("python3")
-            .arg("-c")
-            .arg(block)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "README snippet failed:\n{block}\n--- stderr\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        printed.push(stdout);
-    }
+    let printed: Vec<String> = blocks.iter().map(|b| run_snippet(b, dir.path())).collect();
     let n = keys.len();
     assert!(
         printed[0].contains(&format!("({n}, 1280) float32 {} labels", labels.len())),
@@ -125,6 +128,19 @@ fn readme_snippets_read_the_latest_row_of_each_key_and_the_errors() {
         duck.contains(&format!("{n} images, 1 error records")),
         "duckdb: {duck}"
     );
+    // The same snippets on an output with no error at all (no errors/ folder).
+    let clean = tempfile::tempdir().unwrap();
+    std::fs::remove_file(input.join(labels.first().unwrap()).join("notes.jpg")).unwrap();
+    verger_run(&input, &clean.path().join("features"));
+    for block in &blocks {
+        let stdout = run_snippet(block, clean.path());
+        if block.contains("duckdb") {
+            assert!(
+                stdout.contains(&format!("{n} images, 0 error records")),
+                "{stdout}"
+            );
+        }
+    }
     for label in &labels {
         let count = keys
             .iter()

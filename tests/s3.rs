@@ -328,3 +328,46 @@ fn cli_reads_and_writes_s3_without_printing_credentials() {
     );
     rt.block_on(assert_clean_output(&client, "cli", "out/"));
 }
+
+/// One rule for both stores: hidden names (`.DS_Store`, macOS's `._x.jpg`, `.hidden.jpg`,
+/// anything under a `.folder/`) are left out of an S3 listing exactly as of a local one, so
+/// the same tree gives the same keys from either store.
+#[test]
+fn local_and_s3_listings_leave_out_the_same_hidden_files() {
+    let (server, rt, client) = server_with_bucket("hidden");
+    let dir = tempfile::tempdir().unwrap();
+    for key in [
+        "Lemon/a.jpg",
+        "Lemon/.hidden.jpg",
+        "Lemon/._a.jpg",
+        ".DS_Store",
+        "Lemon/.DS_Store",
+        ".thumbnails/Lemon/a.jpg",
+        "b.jpg",
+    ] {
+        let path = dir.path().join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, key.as_bytes()).unwrap();
+    }
+    let uploaded = rt.block_on(upload_dir(&client, "hidden", "in/", dir.path(), |_| true));
+    assert_eq!(uploaded.len(), 7, "{uploaded:?}");
+    let list = |location: &str| {
+        rt.block_on(async {
+            let store = verger::storage::open(location, false, &options(&server.endpoint()))
+                .await
+                .unwrap();
+            let mut keys = Vec::new();
+            verger::storage::list_all(store.as_ref(), "", 2, |page| {
+                keys.extend(page.into_iter().map(|o| o.key));
+                true
+            })
+            .await
+            .unwrap();
+            keys.sort();
+            keys
+        })
+    };
+    let s3 = list("s3://hidden/in");
+    assert_eq!(s3, ["Lemon/a.jpg", "b.jpg"]);
+    assert_eq!(list(dir.path().to_str().unwrap()), s3);
+}

@@ -213,8 +213,9 @@ fn the_report_renders_in_a_headless_browser() {
             .arg(sample_output())
             .arg("--html")
             .arg(&html)
+            // The head's folder, as `verger train` wrote it (its metrics.json is read).
             .arg("--metrics")
-            .arg(head.join("metrics.json"))
+            .arg(&head)
             .args(["--max-points", "500"]),
     );
     assert!(stdout.contains("500 points"), "{stdout}");
@@ -238,7 +239,19 @@ fn the_report_renders_in_a_headless_browser() {
     assert_eq!(count("point"), 500, "one circle per sampled row");
     assert_eq!(count("bar"), 4, "one bar per label");
     assert_eq!(count("cell"), 16, "a 4x4 confusion matrix");
-    assert_eq!(count("epoch"), epochs, "one bar per committed epoch");
+    assert_eq!(count("epoch"), epochs, "one point per committed epoch");
+    let runs = read_output(sample_output())
+        .manifests
+        .iter()
+        .map(|m| m.run.clone())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    assert_eq!(count("run"), runs, "one curve of committed objects per run");
+    assert_eq!(
+        count("column"),
+        4,
+        "the confusion matrix's columns are labelled"
+    );
     let tested = format!("Test rows {}: accuracy 100.0%", test_images());
     assert!(dom.contains(&tested), "the head's metrics are shown");
 

@@ -201,7 +201,7 @@ fn a_failed_read_is_retried_at_the_next_poll_and_its_error_superseded() {
     use common::fault_proxy::FaultProxy;
     let (server, rt, client) = server_with_bucket("retry");
     let keys = rt.block_on(upload_dir(&client, "retry", "in/", &sample_dir(), |k| {
-        k.starts_with("Test/apple/r_32")
+        k.starts_with("Test/apple/32")
     }));
     assert!(keys.len() >= 5, "{keys:?}");
     let unlucky = keys[2].clone();

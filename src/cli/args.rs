@@ -194,6 +194,11 @@ pub struct ModelArgs {
     /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
     #[arg(long, env = "VERGER_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
+}
+
+/// The Burn backend that runs the network (for the commands that run it).
+#[derive(Args, Clone)]
+pub struct BackendArgs {
     /// Burn backend of the network: flex with verger's fused kernels (fastest), or Burn's own
     /// operations (flex-plain), or the ndarray backend with or without the kernels.
     #[arg(long, value_enum, default_value_t = Backend::default())]
@@ -206,6 +211,10 @@ pub struct EngineArgs {
     /// Timely worker threads (one core each; the network runs single-threaded per worker).
     #[arg(short = 'w', long, default_value_t = default_workers(), value_parser = at_least_one)]
     pub workers: usize,
+    /// Allow more than MAX_WORKERS_PER_CORE workers per core (each holds its own batch, buffers
+    /// and stack; far past the cores they only compete for them and use memory).
+    #[arg(long)]
+    pub oversubscribe: bool,
     /// Most keys per epoch. Each worker writes one Parquet file per epoch, so files hold about
     /// epoch-size / workers rows.
     #[arg(long, default_value_t = EpochPolicy::default().epoch_keys, value_parser = at_least_one)]
@@ -245,7 +254,11 @@ pub struct EngineArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub upload: UploadArgs,
 }
 
 /// How S3 is reached. Credentials and region come from the AWS default chain (environment,
@@ -270,6 +283,25 @@ pub struct StoreArgs {
     /// 1, 2, 4, 8, 16 and 30 s (jittered): the default rides out an outage of about a minute.
     #[arg(long, default_value_t = StoreOptions::default().outage_retries as u64, value_parser = clap::value_parser!(u64).range(0..=6))]
     pub s3_outage_retries: u64,
+}
+
+impl StoreArgs {
+    /// The library's options for these flags (uploads as by default: see [`UploadArgs`]).
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions {
+            endpoint_url: self.endpoint_url.clone(),
+            path_style: self.path_style,
+            max_attempts: self.s3_max_attempts,
+            adaptive_retry: self.s3_adaptive_retry,
+            outage_retries: self.s3_outage_retries as usize,
+            ..StoreOptions::default()
+        }
+    }
+}
+
+/// How output files are uploaded to S3 (`verger run` only: the other commands only read).
+#[derive(Args, Clone)]
+pub struct UploadArgs {
     /// Output files of at least this many MiB are uploaded with multipart upload (0: all).
     #[arg(long, default_value_t = StoreOptions::default().multipart_threshold >> 20)]
     pub multipart_threshold_mib: usize,
@@ -278,22 +310,18 @@ pub struct StoreArgs {
     pub part_size_mib: u64,
 }
 
-impl StoreArgs {
-    /// The library's options for these flags.
-    pub fn options(&self) -> StoreOptions {
+impl UploadArgs {
+    /// `options` with these upload settings.
+    pub fn apply(&self, options: StoreOptions) -> StoreOptions {
         StoreOptions {
-            endpoint_url: self.endpoint_url.clone(),
-            path_style: self.path_style,
-            max_attempts: self.s3_max_attempts,
-            adaptive_retry: self.s3_adaptive_retry,
-            outage_retries: self.s3_outage_retries as usize,
             multipart_threshold: self.multipart_threshold_mib << 20,
             part_size: (self.part_size_mib as usize) << 20,
+            ..options
         }
     }
 }
 
-/// Several processes as one run (timely's flags; `-h` is the hostfile, so help is `--help`).
+/// Several processes as one run (timely's `-n`/`-p`; the hostfile is `-H`, since `-h` is help).
 #[derive(Args, Clone)]
 pub struct ClusterArgs {
     /// Number of processes in the run (each with --workers threads).
@@ -303,7 +331,7 @@ pub struct ClusterArgs {
     #[arg(short = 'p', long, default_value_t = 0)]
     pub process: usize,
     /// Hostfile: one `host:port` per process, in process order [default: localhost:2101, ...].
-    #[arg(short = 'h', long)]
+    #[arg(short = 'H', long)]
     pub hostfile: Option<PathBuf>,
     /// How long the processes wait for each other to connect before giving up, naming the
     /// processes still missing (exit code 3).
@@ -313,11 +341,7 @@ pub struct ClusterArgs {
 
 /// `verger run`.
 #[derive(Args)]
-#[command(disable_help_flag = true)]
 pub struct RunArgs {
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    pub help: Option<bool>,
     /// Input: a directory of images (searched recursively) or s3://bucket/prefix.
     #[arg(long)]
     pub input: String,
@@ -341,8 +365,9 @@ pub struct RunArgs {
     /// changed, until SIGINT or SIGTERM (which finish the epochs in flight, then exit 0).
     #[arg(long)]
     pub watch: bool,
-    /// Time between the starts of two listings in --watch mode (e.g. `10s`, `500ms`, `2m`).
-    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    /// Time between the starts of two listings in --watch mode (e.g. `10s`, `500ms`, `2m`;
+    /// at least 100ms: every listing costs requests, on S3 money too).
+    #[arg(long, default_value = "10s", value_parser = poll_interval)]
     pub poll_interval: Duration,
     /// Serve Prometheus metrics on this address (e.g. `0.0.0.0:9464`; port 0 picks a free
     /// port, printed on stderr).
@@ -395,7 +420,12 @@ pub struct BenchArgs {
     pub batch_size: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
+
+/// Most workers per core a run takes without --oversubscribe.
+pub const MAX_WORKERS_PER_CORE: usize = 4;
 
 /// The cores this process may use: the default worker count.
 pub fn default_workers() -> usize {
@@ -427,10 +457,36 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Shortest `--poll-interval`.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A poll interval: a duration of at least [`MIN_POLL_INTERVAL`] (`1ns` would list thousands
+/// of times a second).
+fn poll_interval(text: &str) -> Result<Duration, String> {
+    let d = positive_duration(text)?;
+    if d < MIN_POLL_INTERVAL {
+        return Err(format!(
+            "{text} is shorter than {}: every listing costs requests",
+            humantime::format_duration(MIN_POLL_INTERVAL)
+        ));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::error::ErrorKind;
+
+    #[test]
+    fn poll_intervals_under_100ms_are_usage_errors() {
+        for text in ["1ns", "99ms"] {
+            let err = parse(&["--poll-interval", text]).err().unwrap();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{text}: {err}");
+            assert!(err.to_string().contains("shorter than 100ms"), "{err}");
+        }
+        assert!(parse(&["--poll-interval", "100ms"]).is_ok());
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(
@@ -483,6 +539,12 @@ mod tests {
         };
         assert_eq!(run.engine.workers, 3);
         assert_eq!(run.poll_interval, Duration::from_millis(500));
-        assert_eq!(run.engine.store.options().part_size, 5 << 20);
+        assert_eq!(
+            run.engine
+                .upload
+                .apply(run.engine.store.options())
+                .part_size,
+            5 << 20
+        );
     }
 }

@@ -34,7 +34,7 @@ pub fn bench(out: &mut dyn Write, args: &BenchArgs) -> Result<()> {
     // Resolve the weights once, so every run finds them without downloading.
     let weights = weights(&args.model)?;
     let backend = args
-        .model
+        .backend
         .backend
         .to_possible_value()
         .context("backend name")?;

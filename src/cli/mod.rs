@@ -13,7 +13,9 @@ pub mod train;
 pub mod tuning;
 
 /// Everything committed in `output` (a directory or s3://), read through its manifests; `side`
-/// names it in errors ("input" for the commands that read an output as their input).
+/// names it in errors ("input" for the commands that read an output as their input). A
+/// location with no committed epoch is an error saying what it holds instead: nothing, files
+/// that are not verger's, or a run that committed nothing yet.
 pub fn read_committed(
     output: &str,
     store: &args::StoreArgs,
@@ -23,5 +25,30 @@ pub fn read_committed(
     let store = runtime
         .block_on(verger::storage::open(output, false, &store.options()))
         .map_err(|e| e.on_side(side))?;
-    Ok(runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?)
+    let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
+    if table.manifests.is_empty() {
+        let page = runtime.block_on(store.list_page("", None, 1000))?;
+        let verger_wrote = |key: &str| {
+            [
+                "data/",
+                "errors/",
+                verger::commit::MANIFEST_PREFIX,
+                "_lease.json",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+        };
+        let what = match page.objects.iter().find(|o| !verger_wrote(&o.key)) {
+            _ if page.objects.is_empty() => "is empty".to_string(),
+            Some(o) => format!(
+                "is not a verger output (it holds {}, and no manifest)",
+                o.key
+            ),
+            None => {
+                "has no committed epoch yet (a run started there committed nothing)".to_string()
+            }
+        };
+        anyhow::bail!("{side} {output} {what}");
+    }
+    Ok(table)
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use verger::embed::{weights_file, Embedder, ModelSpec};
+use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
 
 use super::args::ModelArgs;
 
@@ -28,12 +28,11 @@ pub fn weights(args: &ModelArgs) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The network with the weights `args` name, fetched and verified if need be.
-pub fn load_embedder(args: &ModelArgs) -> Result<Embedder> {
+/// The network with the weights `args` name, fetched and verified if need be, on `backend`.
+pub fn load_embedder(args: &ModelArgs, backend: Backend) -> Result<Embedder> {
     let spec = ModelSpec::named(&args.model)?;
     let path = weights(args)?;
-    Embedder::load(&spec, &path, args.backend)
-        .with_context(|| format!("loading {}", path.display()))
+    Embedder::load(&spec, &path, backend).with_context(|| format!("loading {}", path.display()))
 }
 
 /// `verger model fetch`: the published weights into the cache (downloaded, or the `--weights`
@@ -51,7 +50,7 @@ pub fn fetch(out: &mut dyn std::io::Write, args: &ModelArgs) -> Result<()> {
         writeln!(out, "{}", cached.display())?;
         return Ok(());
     }
-    let embedder = load_embedder(args)?;
+    let embedder = load_embedder(args, Backend::default())?;
     writeln!(
         out,
         "{}: fine-tuned weights for {} (SHA-256 {sha256}, not the published {}): every tensor fits{}",

@@ -9,7 +9,8 @@ use verger::report::{ReportData, ReportOptions};
 
 use super::args::StoreArgs;
 
-/// Writes the report of `output` to `html`, with a head's `metrics` (a `metrics.json`).
+/// Writes the report of `output` to `html`, with a head's `metrics` (a `metrics.json`, or the
+/// head's folder that `verger train` wrote it into).
 pub fn report(
     out: &mut dyn Write,
     (output, html): (&str, &Path),
@@ -20,6 +21,8 @@ pub fn report(
     let metrics: Option<Metrics> = match metrics {
         None => None,
         Some(path) => {
+            let file = path.join("metrics.json");
+            let path = if path.is_dir() { file.as_path() } else { path };
             let bytes =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             Some(
@@ -42,7 +45,10 @@ pub fn report(
         data.labels.len(),
         data.map.as_ref().map_or(0, |m| m.points.len()),
         data.errors.len(),
-        data.throughput.len()
+        data.throughput
+            .iter()
+            .map(|r| r.commits.len())
+            .sum::<usize>()
     )?;
     Ok(())
 }

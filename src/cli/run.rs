@@ -131,7 +131,7 @@ pub fn run_job(
         batch_size: engine.batch_size,
         fetch_concurrency: engine.fetch_concurrency,
         filter,
-        store: engine.store.options(),
+        store: engine.upload.apply(engine.store.options()),
         cluster,
         mode: service.mode,
         stop: signals.stop.clone(),
@@ -148,8 +148,9 @@ pub fn run_job(
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));
-    let result =
-        dataflow::run_loading(&config, || load_embedder(&engine.model).map_err(Into::into));
+    let result = dataflow::run_loading(&config, || {
+        load_embedder(&engine.model, engine.backend.backend).map_err(Into::into)
+    });
     if let Some(bar) = bar {
         bar.finish();
     }

@@ -1,7 +1,7 @@
 //! Process tuning before a run starts: the allocator's arenas, and a warning about more
 //! workers than cores.
 
-use super::args::default_workers;
+use super::args::{default_workers, MAX_WORKERS_PER_CORE};
 
 /// Caps glibc's malloc arenas at one per worker (at least 2) unless `MALLOC_ARENA_MAX` is set.
 /// With glibc's default (8 per core), the short-lived allocations of many threads (timely
@@ -21,6 +21,22 @@ pub fn limit_malloc_arenas(workers: usize) {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = workers;
+}
+
+/// Refuses more than [`MAX_WORKERS_PER_CORE`] workers per core unless `oversubscribe`: a
+/// slip like `-w 100000` would otherwise start that many threads, each with its own buffers,
+/// until the machine runs out of memory.
+pub fn check_worker_count(workers: usize, oversubscribe: bool) -> Result<(), String> {
+    let cores = default_workers();
+    let bound = MAX_WORKERS_PER_CORE * cores;
+    if workers > bound && !oversubscribe {
+        return Err(format!(
+            "-w {workers} is more than {MAX_WORKERS_PER_CORE} workers per core ({cores} cores \
+             here, so at most {bound}); one worker per core is fastest, and --oversubscribe \
+             allows more"
+        ));
+    }
+    Ok(())
 }
 
 /// Warns when there are many more workers than cores: they compete for the cores, and every

@@ -149,9 +149,10 @@ pub struct CommittedEpoch {
 pub struct Committed {
     /// All manifests, by epoch.
     pub manifests: Vec<Manifest>,
-    /// Versions (key, ETag) not to process again: every committed row, and every error
-    /// record but those of failed reads, which a new run retries.
-    pub handled: Vec<(String, String)>,
+    /// Versions (epoch, key, ETag) handled: every committed row, and every error record but
+    /// those of failed reads, which a new run retries. A key's version of the latest epoch
+    /// is its current one, not processed again while it is the one listed.
+    pub handled: Vec<(Epoch, String, String)>,
     /// Every committed row with its epoch, oldest first.
     pub rows: Vec<(Epoch, RowId)>,
 }
@@ -181,7 +182,11 @@ impl Committed {
             for file in &manifest.files {
                 for entry in table::read_index(store, &file.key, file.kind).await? {
                     if entry.stage != Some(Stage::Fetch) {
-                        handled.push((entry.row.key.clone(), entry.row.etag.clone()));
+                        handled.push((
+                            manifest.epoch,
+                            entry.row.key.clone(),
+                            entry.row.etag.clone(),
+                        ));
                     }
                     if file.kind == FileKind::Data {
                         rows.push((manifest.epoch, entry.row));

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use timely::{CommunicationConfig, WorkerConfig};
 
 use crate::cluster::{self, Cluster, ConnectWatchdog};
-use crate::commit::{CommitError, Committed};
+use crate::commit::{CommitError, Committed, MANIFEST_PREFIX};
 use crate::embed::Embedder;
 use crate::error::{Fatal, StageError};
 use crate::head::{HeadError, SavedHead};
 use crate::metrics::Metrics;
 use crate::operators::StageContext;
 use crate::record::Epoch;
-use crate::sink::lease::{Lease, LeaseError, LeaseSettings};
+use crate::sink::lease::{Lease, LeaseError, LeaseSettings, LEASE_KEY};
 use crate::source::{CommittedCounts, EpochPolicy, KeyFilter, Mode, SourceStats};
 use crate::stats::{self, StageClock, StageSeconds};
 use crate::storage::{self, ObjectStore, StoreOptions};
@@ -147,6 +147,20 @@ pub enum RunError {
     /// The output is the input itself.
     #[error("the output {0} is the input directory itself: give the output its own folder")]
     OutputIsInput(String),
+    /// The output holds files verger did not write (a folder of images given as output).
+    #[error(
+        "the output {output} holds {key}, which verger did not write: give the output an \
+         empty folder (or one verger wrote)"
+    )]
+    ForeignOutput {
+        /// The output.
+        output: String,
+        /// The first key found that is not verger's.
+        key: String,
+    },
+    /// The output could not be listed.
+    #[error("listing the output")]
+    ListOutput(#[source] crate::storage::StorageError),
     /// A stage failed (the first failure of the run, with its cause).
     #[error(transparent)]
     Stage(#[from] StageError),
@@ -226,6 +240,23 @@ pub fn nested_prefix(input: &dyn ObjectStore, output: &dyn ObjectStore) -> Optio
     })
 }
 
+/// What verger writes at the root of an output: manifests, data and error files, the lease.
+const OUTPUT_LAYOUT: [&str; 4] = [MANIFEST_PREFIX, "data/", "errors/", LEASE_KEY];
+
+/// The first key of the output's first listing page (up to 1,000 keys) that verger did not
+/// write, if any: an output folder full of images (`--output photos/Training`) is a slip,
+/// and writing among them would mix the table into the pictures.
+async fn foreign_key(
+    output: &dyn ObjectStore,
+) -> Result<Option<String>, crate::storage::StorageError> {
+    let page = output.list_page("", None, 1000).await?;
+    Ok(page
+        .objects
+        .into_iter()
+        .map(|o| o.key)
+        .find(|key| !OUTPUT_LAYOUT.iter().any(|p| key.starts_with(p))))
+}
+
 /// Opens input and output, loads the network with `load` (only once both are open: a wrong
 /// location, missing credentials or an unreachable store fail before seconds of model
 /// loading or a weights download), takes the output's lease on process 0, and runs `execute`
@@ -247,7 +278,6 @@ pub(super) fn prepare_and_run(
     let output = runtime
         .block_on(storage::open(&config.output, true, &config.store))
         .map_err(|e| e.on_side("output"))?;
-    let embedder = load().map_err(RunError::Model)?;
     let mut config = config.clone();
     match nested_prefix(input.as_ref(), output.as_ref()) {
         Some(p) if p.is_empty() => return Err(RunError::OutputIsInput(output.location())),
@@ -259,6 +289,16 @@ pub(super) fn prepare_and_run(
         }
         None => {}
     }
+    if let Some(key) = runtime
+        .block_on(foreign_key(output.as_ref()))
+        .map_err(RunError::ListOutput)?
+    {
+        return Err(RunError::ForeignOutput {
+            output: output.location(),
+            key,
+        });
+    }
+    let embedder = load().map_err(RunError::Model)?;
     let run_id = unique_run_id();
     let leader = config.cluster.as_ref().is_none_or(|c| c.process == 0);
     let lease = match leader {
@@ -376,8 +416,29 @@ fn resume_and_run(
         cluster::watch_peers(&c.addresses);
         Arc::new(ConnectWatchdog::arm(c, config.connect_timeout))
     });
+    let staging = output.staging_dir().join(&run_id);
+    // A lost peer or a cluster that never connects ends the process from another thread:
+    // give the lease up and remove the staging files on the way out, as the end below does.
+    let _early_exit = {
+        let (releaser, handle, staging) = (
+            lease.map(Lease::releaser),
+            runtime.handle().clone(),
+            staging.clone(),
+        );
+        crate::shutdown::on_early_exit(move || {
+            let _ = std::fs::remove_dir_all(&staging);
+            if let Some(releaser) = releaser {
+                let released = handle.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(5), releaser.release()).await
+                });
+                if !matches!(released, Ok(Ok(()))) {
+                    tracing::warn!("could not release the output's lease (it expires by itself)");
+                }
+            }
+        })
+    };
     let job = Arc::new(Job {
-        staging: output.staging_dir().join(&run_id),
+        staging,
         first_epoch: committed.next_epoch(),
         committed: Mutex::new(Some(committed)),
         lease_lost: lease.map_or_else(Arc::default, Lease::lost_flag),

@@ -322,6 +322,15 @@ impl Lease {
         self.lost.load(Ordering::Acquire)
     }
 
+    /// What gives this lease up without the handle: for a process that must exit while its
+    /// workers (which hold the handle's owner) are stuck ([`crate::shutdown`]).
+    pub fn releaser(&self) -> Releaser {
+        match &self.kind {
+            Kind::Local { .. } => Releaser(None),
+            Kind::Remote { store, etag, .. } => Releaser(Some((store.clone(), etag.clone()))),
+        }
+    }
+
     /// Gives the lease up: the next run may take it at once.
     pub async fn release(mut self) -> Result<(), StorageError> {
         match &mut self.kind {
@@ -335,15 +344,41 @@ impl Lease {
                     task.abort();
                     let _ = task.await;
                 }
-                // Delete only our own version (a lost lease belongs to someone else now).
-                let ours = etag.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                match store.get_tagged(LEASE_KEY).await {
-                    Ok((_, current)) if current == ours => store.delete(LEASE_KEY).await,
-                    Ok(_) | Err(StorageError::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(e),
-                }
+                delete_own_version(store.as_ref(), etag).await
             }
         }
+    }
+}
+
+/// Gives a lease up on an early exit (see [`Lease::releaser`]).
+#[derive(Clone)]
+pub struct Releaser(Option<RemoteLease>);
+
+/// A remote lease: the store holding the lease object, and the version this holder wrote last.
+type RemoteLease = (Arc<dyn ObjectStore>, Arc<Mutex<String>>);
+
+impl Releaser {
+    /// Deletes the lease object if it is still this holder's version (a local lease is
+    /// unlocked by the kernel when the process ends).
+    pub async fn release(&self) -> Result<(), StorageError> {
+        match &self.0 {
+            None => Ok(()),
+            Some((store, etag)) => delete_own_version(store.as_ref(), etag).await,
+        }
+    }
+}
+
+/// Deletes the lease object only if it is still the version this holder wrote last (a lost
+/// lease belongs to someone else now).
+async fn delete_own_version(
+    store: &dyn ObjectStore,
+    etag: &Mutex<String>,
+) -> Result<(), StorageError> {
+    let ours = etag.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match store.get_tagged(LEASE_KEY).await {
+        Ok((_, current)) if current == ours => store.delete(LEASE_KEY).await,
+        Ok(_) | Err(StorageError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

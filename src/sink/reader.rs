@@ -12,8 +12,12 @@ pub struct Table {
     /// One per embedded object version, in commit order: a key whose object was replaced
     /// has a row per version, and the last one is current ([`Table::latest_rows`]).
     pub rows: Vec<Embedded>,
-    /// One per failed attempt.
+    /// The epoch of each row (`rows[i]` was committed in `row_epochs[i]`).
+    pub row_epochs: Vec<crate::record::Epoch>,
+    /// One per failed attempt, in commit order.
     pub errors: Vec<Failure>,
+    /// The epoch of each error record (`errors[i]` was committed in `error_epochs[i]`).
+    pub error_epochs: Vec<crate::record::Epoch>,
     /// The manifests, by epoch: one per committed epoch.
     pub manifests: Vec<crate::commit::Manifest>,
 }
@@ -32,17 +36,34 @@ impl Table {
 }
 
 impl Table {
-    /// The error records not superseded: those of a version that has no row (a read that
-    /// failed and then, retried at a later poll, succeeded leaves an error record and a row).
+    /// The error records not superseded: those of a key with no row of the same version nor
+    /// of a later epoch. A read that failed and then, retried at a later poll, succeeded
+    /// leaves an error record and a row of the same version; a file read half-written in
+    /// watch mode, then complete, leaves an error record and a newer version's row. Either
+    /// way the row is what the key holds now.
     pub fn current_errors(&self) -> Vec<&Failure> {
+        let mut latest_row: std::collections::HashMap<&str, crate::record::Epoch> =
+            Default::default();
         let embedded: std::collections::HashSet<(&str, &str)> = self
             .rows
             .iter()
             .map(|r| (r.key.as_str(), r.etag.as_str()))
             .collect();
+        // Rows are in commit order: the epoch of a key's last row is its latest.
+        for (row, epoch) in self.rows.iter().zip(&self.row_epochs) {
+            latest_row.insert(row.key.as_str(), *epoch);
+        }
         self.errors
             .iter()
-            .filter(|e| !embedded.contains(&(e.key.as_str(), e.etag.as_str())))
+            .enumerate()
+            .filter(|(i, e)| {
+                let epoch = self.error_epochs.get(*i).copied().unwrap_or_default();
+                !embedded.contains(&(e.key.as_str(), e.etag.as_str()))
+                    && latest_row
+                        .get(e.key.as_str())
+                        .is_none_or(|&row_epoch| row_epoch < epoch)
+            })
+            .map(|(_, e)| e)
             .collect()
     }
 }
@@ -51,14 +72,84 @@ impl Table {
 pub async fn read_table(store: &dyn ObjectStore) -> Result<Table, CommitError> {
     let committed = Committed::load(store).await?;
     let mut table = Table::default();
-    for file in committed.manifests.iter().flat_map(|m| &m.files) {
-        for batch in read_batches(store, &file.key, None).await? {
-            match file.kind {
-                FileKind::Data => table.rows.extend(decode_rows(&batch, &file.key)?),
-                FileKind::Errors => table.errors.extend(decode_errors(&batch, &file.key)?),
+    for manifest in &committed.manifests {
+        let epoch = manifest.epoch;
+        for file in &manifest.files {
+            for batch in read_batches(store, &file.key, None).await? {
+                match file.kind {
+                    FileKind::Data => {
+                        let rows = decode_rows(&batch, &file.key)?;
+                        table
+                            .row_epochs
+                            .extend(std::iter::repeat_n(epoch, rows.len()));
+                        table.rows.extend(rows);
+                    }
+                    FileKind::Errors => {
+                        let errors = decode_errors(&batch, &file.key)?;
+                        table
+                            .error_epochs
+                            .extend(std::iter::repeat_n(epoch, errors.len()));
+                        table.errors.extend(errors);
+                    }
+                }
             }
         }
     }
     table.manifests = committed.manifests;
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Stage;
+
+    fn row(key: &str, etag: &str) -> Embedded {
+        Embedded {
+            key: key.into(),
+            etag: etag.into(),
+            label: None,
+            width: 1,
+            height: 1,
+            embedding: vec![0.0],
+            prediction: None,
+        }
+    }
+
+    fn error(key: &str, etag: &str) -> Failure {
+        Failure {
+            key: key.into(),
+            etag: etag.into(),
+            stage: Stage::Decode,
+            reason: "bad".into(),
+        }
+    }
+
+    /// An error record is superseded by a row of its version (a retried read) or of a later
+    /// epoch (a newer version); it stays current when the key's newest record is the error.
+    #[test]
+    fn an_error_is_superseded_by_a_row_of_its_version_or_of_a_later_epoch() {
+        let table = Table {
+            rows: vec![
+                row("retried", "A"),
+                row("rewritten", "Y"),
+                row("broken", "A"),
+            ],
+            row_epochs: vec![2, 3, 1],
+            errors: vec![
+                error("retried", "A"),
+                error("rewritten", "X"),
+                error("broken", "B"),
+                error("never", "Z"),
+            ],
+            error_epochs: vec![1, 2, 2, 1],
+            manifests: Vec::new(),
+        };
+        let current: Vec<(&str, &str)> = table
+            .current_errors()
+            .iter()
+            .map(|e| (e.key.as_str(), e.etag.as_str()))
+            .collect();
+        assert_eq!(current, [("broken", "B"), ("never", "Z")]);
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{ObjectMeta, ObjectStore, StorageError};
+use super::{Listing, ObjectMeta, StorageError};
 
 /// Why a listing did not reach its end.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,7 @@ pub type Pages = tokio::sync::mpsc::Receiver<Result<Vec<ObjectMeta>, ListingErro
 /// of the listing task is such an error too, never a silently shorter listing.
 pub fn start_listing(
     runtime: &tokio::runtime::Handle,
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn Listing>,
     prefix: String,
     page_size: usize,
 ) -> Pages {
@@ -121,17 +121,15 @@ pub fn start_listing(
 mod tests {
     use super::*;
     use crate::storage::ListPage;
-    use bytes::Bytes;
-    use std::path::{Path, PathBuf};
 
-    /// A store whose listing gives one page, then panics (or fails) on the second.
+    /// A listing that gives one page, then panics (or fails) on the second.
     #[derive(Debug)]
     struct BrokenListing {
         panic: bool,
     }
 
     #[async_trait::async_trait]
-    impl ObjectStore for BrokenListing {
+    impl Listing for BrokenListing {
         fn location(&self) -> String {
             "broken://in".into()
         }
@@ -143,11 +141,7 @@ mod tests {
         ) -> Result<ListPage, StorageError> {
             match token {
                 None => Ok(ListPage {
-                    objects: vec![ObjectMeta {
-                        key: "a/1.jpg".into(),
-                        size: 1,
-                        etag: "e".into(),
-                    }],
+                    objects: vec![ObjectMeta::new("a/1.jpg".into(), 1, "e".into())],
                     next: Some("t".into()),
                 }),
                 Some(_) if self.panic => panic!("listing bug"),
@@ -157,36 +151,6 @@ mod tests {
                 }),
             }
         }
-        async fn get(&self, _: &str) -> Result<Bytes, StorageError> {
-            unimplemented!()
-        }
-        async fn get_version(&self, _: &str, _: &str) -> Result<Bytes, StorageError> {
-            unimplemented!()
-        }
-        async fn put(&self, _: &str, _: Bytes) -> Result<(), StorageError> {
-            unimplemented!()
-        }
-        async fn put_new(&self, _: &str, _: Bytes) -> Result<String, StorageError> {
-            unimplemented!()
-        }
-        async fn put_if_match(&self, _: &str, _: Bytes, _: &str) -> Result<String, StorageError> {
-            unimplemented!()
-        }
-        async fn get_tagged(&self, _: &str) -> Result<(Bytes, String), StorageError> {
-            unimplemented!()
-        }
-        async fn put_file(&self, _: &str, _: &Path) -> Result<(), StorageError> {
-            unimplemented!()
-        }
-        async fn delete(&self, _: &str) -> Result<(), StorageError> {
-            unimplemented!()
-        }
-        async fn remove_partial_writes(&self) -> Result<usize, StorageError> {
-            Ok(0)
-        }
-        fn staging_dir(&self) -> PathBuf {
-            std::env::temp_dir()
-        }
     }
 
     /// A listing that breaks mid-way ends with an error naming the page, never with a
@@ -195,7 +159,7 @@ mod tests {
     fn a_listing_that_panics_or_fails_mid_way_is_an_error_naming_the_page() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         for panic in [true, false] {
-            let store: Arc<dyn ObjectStore> = Arc::new(BrokenListing { panic });
+            let store: Arc<dyn Listing> = Arc::new(BrokenListing { panic });
             let mut pages = start_listing(runtime.handle(), store, String::new(), 10);
             let first = pages.blocking_recv().unwrap().unwrap();
             assert_eq!(first.len(), 1);

@@ -4,7 +4,7 @@
 //! already listed, so a folder of millions of files streams page by page. Writes go to a
 //! hidden temporary name in the same directory and are renamed into place (atomic on POSIX).
 
-use super::{key_order, ListPage, ObjectMeta, ObjectStore, StorageError};
+use super::{key_order, ListPage, Listing, ObjectMeta, ObjectStore, StorageError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::cmp::Ordering;
@@ -130,10 +130,21 @@ fn dir_id(meta: &std::fs::Metadata) -> DirId {
     (meta.dev(), meta.ino())
 }
 
+/// What a folder entry is, as the walk sees it.
+enum Entry {
+    /// A file or folder (a symbolic link resolved to its target).
+    Found(std::fs::Metadata),
+    /// Found but not an object: why (its metadata cannot be read, its name is not UTF-8).
+    Unlistable(String),
+}
+
 /// Depth-first walk in [`key_order`], skipping whole directories that lie before `after`.
 /// Symbolic links are followed, to files and to directories alike, under the link's own
 /// key; a link to one of its own ancestor directories (a loop) and a dangling link are
-/// reported and left out.
+/// reported and left out. Hidden names ([`is_hidden`](super::is_hidden)) are left out, each
+/// named in a log line. A folder that cannot be read, an entry whose metadata cannot be
+/// read and a name that is not UTF-8 are listed as unlistable objects (error records), so
+/// one locked folder does not stop the listing of the rest.
 #[allow(clippy::too_many_arguments)]
 fn walk(
     root: &Path,
@@ -146,33 +157,63 @@ fn walk(
     ancestors: &mut Vec<DirId>,
 ) -> Result<(), StorageError> {
     let abs = root.join(dir);
-    let mut entries: Vec<(String, std::fs::Metadata)> = Vec::new();
+    let mut entries: Vec<(String, Entry)> = Vec::new();
     for entry in std::fs::read_dir(&abs).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            tracing::warn!(dir, "skipping a file name that is not UTF-8");
-            continue;
+        let name = match entry.file_name().into_string() {
+            Ok(name) => name,
+            Err(raw) => {
+                let name = raw.to_string_lossy().into_owned();
+                let reason = format!(
+                    "the name is not valid UTF-8 (shown with U+FFFD for the bad bytes: {:?})",
+                    raw
+                );
+                entries.push((name, Entry::Unlistable(reason)));
+                continue;
+            }
         };
         // Hidden files, temporary files and verger's own staging area are not objects.
-        if name.starts_with('.') || (dir.is_empty() && name == STAGING) {
+        if dir.is_empty() && name == STAGING {
+            continue;
+        }
+        if name.starts_with('.') {
+            let key = format!("{dir}{name}");
+            if key.starts_with(prefix) {
+                tracing::info!(key, "left out: a hidden file");
+            }
             continue;
         }
         let key = format!("{dir}{name}");
-        let mut meta = entry.metadata().map_err(io(&key))?;
-        if meta.file_type().is_symlink() {
-            match std::fs::metadata(entry.path()) {
-                Ok(target) => meta = target,
+        let meta = match entry.metadata() {
+            Ok(meta) if meta.file_type().is_symlink() => match std::fs::metadata(entry.path()) {
+                Ok(target) => Entry::Found(target),
                 Err(e) => {
                     tracing::warn!(key, "skipping a dangling symbolic link: {e}");
                     continue;
                 }
-            }
-        }
+            },
+            Ok(meta) => Entry::Found(meta),
+            Err(e) => Entry::Unlistable(format!("cannot be read: {e}")),
+        };
         entries.push((name, meta));
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, meta) in entries {
+    for (name, entry) in entries {
         let key = format!("{dir}{name}");
+        let meta = match entry {
+            Entry::Found(meta) => meta,
+            Entry::Unlistable(reason) => {
+                if key.starts_with(prefix)
+                    && after.is_none_or(|a| key_order(&key, a) == Ordering::Greater)
+                {
+                    push(out, more, limit, unlistable(key, reason));
+                }
+                if *more {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
         let kind = meta.file_type();
         if kind.is_dir() {
             let sub = format!("{key}/");
@@ -193,6 +234,22 @@ fn walk(
                 );
                 continue;
             }
+            if let Err(e) = std::fs::read_dir(root.join(&sub)) {
+                // A folder that cannot be read is one error record, not the end of the
+                // listing; it is listed where its first key would be, once.
+                if sub.starts_with(prefix)
+                    && after.is_none_or(|a| {
+                        !a.starts_with(&sub) && key_order(&sub, a) == Ordering::Greater
+                    })
+                {
+                    let reason = format!("the folder cannot be read: {e}");
+                    push(out, more, limit, unlistable(sub, reason));
+                }
+                if *more {
+                    return Ok(());
+                }
+                continue;
+            }
             ancestors.push(id);
             let walked = walk(root, &sub, prefix, after, limit, out, more, ancestors);
             ancestors.pop();
@@ -201,15 +258,12 @@ fn walk(
             if after.is_some_and(|a| key_order(&key, a) != Ordering::Greater) {
                 continue;
             }
-            if out.len() == limit {
-                *more = true;
-            } else {
-                out.push(ObjectMeta {
-                    key,
-                    size: meta.len(),
-                    etag: local_etag(&meta),
-                });
-            }
+            push(
+                out,
+                more,
+                limit,
+                ObjectMeta::new(key, meta.len(), local_etag(&meta)),
+            );
         } else if key.starts_with(prefix) {
             tracing::warn!(key, "skipping what is neither a file nor a folder");
         }
@@ -220,8 +274,32 @@ fn walk(
     Ok(())
 }
 
+/// Adds `object` to the page, or notes that the page is full.
+fn push(out: &mut Vec<ObjectMeta>, more: &mut bool, limit: usize, object: ObjectMeta) {
+    if out.len() == limit {
+        *more = true;
+    } else {
+        out.push(object);
+    }
+}
+
+/// An entry the listing found but cannot give as an object (see [`ObjectMeta::unlistable`]).
+/// Its version tag is the reason's, so the same problem is recorded once, and another one
+/// again.
+fn unlistable(key: String, reason: String) -> ObjectMeta {
+    ObjectMeta {
+        key,
+        size: 0,
+        etag: format!(
+            "unlistable-{:016x}",
+            xxhash_rust::xxh3::xxh3_64(reason.as_bytes())
+        ),
+        unlistable: Some(reason),
+    }
+}
+
 #[async_trait]
-impl ObjectStore for LocalStore {
+impl Listing for LocalStore {
     fn location(&self) -> String {
         self.root.display().to_string()
     }
@@ -238,7 +316,10 @@ impl ObjectStore for LocalStore {
             .await
             .expect("listing task panicked")
     }
+}
 
+#[async_trait]
+impl ObjectStore for LocalStore {
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         tokio::fs::read(self.path(key)?)
             .await
@@ -462,6 +543,59 @@ mod tests {
                 .collect();
             want.sort_by(|a, b| key_order(a, b));
             assert_eq!(seen, want, "page size {page_size}");
+        }
+    }
+
+    /// Names that are not UTF-8 are listed as unlistable objects (error records naming them),
+    /// once whatever the page size; hidden names at any depth are left out, as on S3.
+    #[tokio::test]
+    async fn non_utf8_names_are_unlistable_objects_and_hidden_ones_left_out() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        for k in [
+            "a/1.jpg",
+            "a/.DS_Store",
+            "a/._1.jpg",
+            ".git/x.jpg",
+            "b/.cache/y.jpg",
+            "z.jpg",
+        ] {
+            touch(dir.path(), k);
+        }
+        let bad = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
+        std::fs::write(dir.path().join("a").join(bad), b"x").unwrap();
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        for page_size in [1, 2, 100] {
+            let mut seen = Vec::new();
+            list_all(&store, "", page_size, |page| {
+                seen.extend(page);
+                true
+            })
+            .await
+            .unwrap();
+            let keys: Vec<&str> = seen.iter().map(|o| o.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["a/1.jpg", "a/caf\u{fffd}.jpg", "z.jpg"],
+                "page size {page_size}"
+            );
+            let reason = seen[1].unlistable.as_deref().unwrap();
+            assert!(
+                reason.starts_with("the name is not valid UTF-8"),
+                "{reason}"
+            );
+            assert!(seen[0].unlistable.is_none() && seen[2].unlistable.is_none());
+        }
+    }
+
+    #[test]
+    fn hidden_means_a_name_starting_with_a_dot_at_any_depth() {
+        use crate::storage::is_hidden;
+        for key in [".DS_Store", "a/._x.jpg", ".git/objects/x", "a/.b/c.jpg"] {
+            assert!(is_hidden(key), "{key}");
+        }
+        for key in ["a/x.jpg", "a.b/c.jpg", "x.jpg.", "a/b"] {
+            assert!(!is_hidden(key), "{key}");
         }
     }
 

@@ -143,6 +143,30 @@ pub struct ObjectMeta {
     /// Version tag: the S3 ETag (content hash for simple uploads), or size and modification
     /// time for a local file. A key listed with a new ETag is a new version to process.
     pub etag: String,
+    /// Set when the listing found this entry but cannot give it as an object, with why (a
+    /// folder that cannot be read, a name that is not UTF-8): it becomes an error record
+    /// (stage `list`) instead of stopping the listing, and is never read.
+    #[serde(default)]
+    pub unlistable: Option<String>,
+}
+
+impl ObjectMeta {
+    /// An object as listed.
+    pub fn new(key: String, size: u64, etag: String) -> Self {
+        Self {
+            key,
+            size,
+            etag,
+            unlistable: None,
+        }
+    }
+}
+
+/// Whether `key` is hidden: some folder or file name in it starts with `.` (`.DS_Store`,
+/// macOS's `._photo.jpg`, `.git/`, editors' and verger's own temporary files). Every store
+/// leaves hidden keys out of its listings alike, naming each in a log line.
+pub fn is_hidden(key: &str) -> bool {
+    key.split('/').any(|name| name.starts_with('.'))
 }
 
 /// One page of a listing; `next` continues it.
@@ -155,9 +179,11 @@ pub struct ListPage {
     pub next: Option<String>,
 }
 
-/// An object store holding images (input) or Parquet and manifests (output).
+/// What a store is to a listing: a location whose keys come page by page. The listing task
+/// ([`listing::start_listing`]) needs nothing more, so a test double of a listing implements
+/// only this.
 #[async_trait]
-pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+pub trait Listing: Send + Sync + std::fmt::Debug {
     /// Human-readable location, for logs and the manifest.
     fn location(&self) -> String;
 
@@ -168,7 +194,12 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         token: Option<String>,
         limit: usize,
     ) -> Result<ListPage, StorageError>;
+}
 
+/// An object store holding images (input) or Parquet and manifests (output): a listing that
+/// also reads and writes objects.
+#[async_trait]
+pub trait ObjectStore: Listing {
     /// The whole object.
     async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
 

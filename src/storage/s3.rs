@@ -23,7 +23,9 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::{self as storage, ListPage, ObjectMeta, ObjectStore, StorageError, StoreOptions};
+use super::{
+    self as storage, ListPage, Listing, ObjectMeta, ObjectStore, StorageError, StoreOptions,
+};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::ProvideCredentials;
 use aws_sdk_s3::error::ProvideErrorMetadata;
@@ -545,7 +547,7 @@ impl S3Store {
 }
 
 #[async_trait]
-impl ObjectStore for S3Store {
+impl Listing for S3Store {
     fn location(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.root)
     }
@@ -561,7 +563,10 @@ impl ObjectStore for S3Store {
         })
         .await
     }
+}
 
+#[async_trait]
+impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         Ok(self.get_tagged(key).await?.0)
     }
@@ -677,11 +682,17 @@ impl S3Store {
             .iter()
             .filter_map(|o| {
                 let key = o.key()?.strip_prefix(&self.root)?.to_string();
+                if super::is_hidden(&key) {
+                    tracing::info!(key, "left out: a hidden file");
+                    return None;
+                }
                 // "Folder" markers some tools create are not objects.
-                (!key.ends_with('/')).then(|| ObjectMeta {
-                    key,
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                (!key.ends_with('/')).then(|| {
+                    ObjectMeta::new(
+                        key,
+                        o.size().unwrap_or(0).max(0) as u64,
+                        o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                    )
                 })
             })
             .collect();

@@ -178,8 +178,10 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn relu6(a: __m512) -> __m512 {
+            // Operands in this order, max/min return the second one, `a`, when it is NaN: NaN
+            // goes through, as in the scalar path.
             // SAFETY: AVX-512F is available (caller).
-            unsafe { _mm512_min_ps(_mm512_max_ps(a, _mm512_setzero_ps()), _mm512_set1_ps(6.0)) }
+            unsafe { _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(_mm512_setzero_ps(), a)) }
         }
     }
 
@@ -233,8 +235,9 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn relu6(a: __m256) -> __m256 {
+            // NaN goes through (see the AVX-512 version).
             // SAFETY: AVX is available (caller).
-            unsafe { _mm256_min_ps(_mm256_max_ps(a, _mm256_setzero_ps()), _mm256_set1_ps(6.0)) }
+            unsafe { _mm256_min_ps(_mm256_set1_ps(6.0), _mm256_max_ps(_mm256_setzero_ps(), a)) }
         }
     }
 
@@ -288,8 +291,58 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn relu6(a: __m128) -> __m128 {
+            // NaN goes through (see the AVX-512 version).
             // SAFETY: SSE is baseline on x86-64.
-            unsafe { _mm_min_ps(_mm_max_ps(a, _mm_setzero_ps()), _mm_set1_ps(6.0)) }
+            unsafe { _mm_min_ps(_mm_set1_ps(6.0), _mm_max_ps(_mm_setzero_ps(), a)) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::on_every_isa;
+    use super::super::{dispatch, Kernel};
+    use super::Simd;
+
+    /// ReLU6 over a buffer whose length is a multiple of every register width.
+    struct Relu6(Vec<f32>);
+
+    impl Kernel for Relu6 {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        unsafe fn run<V: Simd>(mut self) -> Vec<f32> {
+            for chunk in self.0.chunks_exact_mut(V::LANES) {
+                // SAFETY: the chunk holds LANES floats; V is usable (dispatch).
+                unsafe { V::store(chunk.as_mut_ptr(), V::relu6(V::load(chunk.as_ptr()))) };
+            }
+            self.0
+        }
+    }
+
+    /// Every instruction set clamps to [0, 6] and lets NaN through, as the scalar path does
+    /// (a NaN activation must not become a plausible 0 on one CPU and stay NaN on another).
+    #[test]
+    fn relu6_agrees_on_every_isa_nan_included() {
+        let special = [
+            f32::NAN,
+            -1.0,
+            -0.0,
+            0.0,
+            3.5,
+            6.0,
+            7.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        let input: Vec<f32> = special.iter().copied().cycle().take(64).collect();
+        let want: Vec<f32> = input.iter().map(|&a| a.clamp(0.0, 6.0)).collect();
+        for (isa, got) in on_every_isa(|| dispatch(Relu6(input.clone()))) {
+            for ((g, w), a) in got.iter().zip(&want).zip(&input) {
+                assert!(
+                    (g.is_nan() && w.is_nan()) || g == w,
+                    "{isa:?}: relu6({a}) = {g}, scalar {w}"
+                );
+            }
         }
     }
 }
