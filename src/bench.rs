@@ -33,6 +33,36 @@ fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// again under the next `repNNN/` prefix, ...), keeping each file's folder (its label).
 /// Hard links are used when possible, copies otherwise. Returns the number of files.
 pub fn replicate(source: &Path, dest: &Path, count: usize) -> std::io::Result<usize> {
+    replicate_with(source, dest, count, |from, to| {
+        if std::fs::hard_link(from, to).is_err() {
+            std::fs::copy(from, to)?;
+        }
+        Ok(())
+    })
+}
+
+/// [`replicate`], each file written as a phone-size photo of `size` ([`phone_photo`],
+/// quality 90) instead of linked: the large-photo benchmark's input.
+pub fn replicate_as_photos(
+    source: &Path,
+    dest: &Path,
+    count: usize,
+    size: (u32, u32),
+) -> std::io::Result<usize> {
+    replicate_with(source, dest, count, |from, to| {
+        let photo = phone_photo(&std::fs::read(from)?, size, 90)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", from.display())))?;
+        std::fs::write(to, photo)
+    })
+}
+
+/// The replication of [`replicate`], with `place` putting one file (`from`) at its new path.
+fn replicate_with(
+    source: &Path,
+    dest: &Path,
+    count: usize,
+    place: impl Fn(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<usize> {
     let files = files_under(source)?;
     if files.is_empty() {
         return Err(std::io::Error::new(
@@ -49,10 +79,7 @@ pub fn replicate(source: &Path, dest: &Path, count: usize) -> std::io::Result<us
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let from = source.join(rel);
-        if std::fs::hard_link(&from, &target).is_err() {
-            std::fs::copy(&from, &target)?;
-        }
+        place(&source.join(rel), &target)?;
     }
     Ok(count)
 }
@@ -94,6 +121,31 @@ pub fn table(rows: &[BenchRow]) -> String {
         ));
     }
     out
+}
+
+/// A phone-size photo made from a small one: `jpeg` decoded, upscaled to `width x height`
+/// (bilinear), with deterministic noise of +-8 levels (so the DCT has detail to code, as a
+/// real sensor's picture does), encoded as a baseline JPEG of `quality`. What the large-photo
+/// benchmarks and tests feed verger: the sample's classes at 12 MP, without shipping photos.
+pub fn phone_photo(
+    jpeg: &[u8],
+    (width, height): (u32, u32),
+    quality: u8,
+) -> Result<Vec<u8>, image::ImageError> {
+    let small = image::load_from_memory(jpeg)?.into_rgb8();
+    let mut big =
+        image::imageops::resize(&small, width, height, image::imageops::FilterType::Triangle);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for value in big.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let noise = (state % 17) as i16 - 8;
+        *value = (i16::from(*value) + noise).clamp(0, 255) as u8;
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&big)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub enum LogFormat {
 /// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
-    /// Featurize every image under --input into --output.
+    /// Featurize every image (JPEG, PNG, WebP, TIFF, BMP, GIF) under --input into --output.
     Run(Box<RunArgs>),
     /// Make a small labelled image set, featurize it and show the result.
     Demo(DemoArgs),
@@ -238,6 +238,11 @@ pub struct EngineArgs {
     /// max-epochs-in-flight x (epoch-bytes + max-object-bytes).
     #[arg(long, default_value_t = verger::fetch::MAX_OBJECT_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_object_bytes: u64,
+    /// What to do with a picture's EXIF orientation tag: `apply` turns it upright before
+    /// resizing (what a viewer shows; phones store most photos sideways with such a tag),
+    /// `ignore` uses the pixels as stored (as Keras' load_img does).
+    #[arg(long, value_enum, default_value_t = verger::decode::Orientation::default())]
+    pub orientation: verger::decode::Orientation,
     /// Pictures of more megapixels than this (width x height, read from the header before
     /// decoding) are error records: decompression bombs cost nothing. One worker's decode
     /// holds at most about 7 bytes per pixel of this budget.
@@ -408,6 +413,11 @@ pub struct BenchArgs {
     /// Images per run.
     #[arg(long, default_value_t = 5000, value_parser = at_least_one)]
     pub images: usize,
+    /// Phone-size photos instead of the input's own files: each image upscaled to WIDTHxHEIGHT
+    /// (e.g. 4032x3024, 12 MP) with noise and written as a quality-90 JPEG, for the
+    /// large-photo benchmark.
+    #[arg(long, value_name = "WIDTHxHEIGHT", value_parser = photo_size)]
+    pub photo_size: Option<(u32, u32)>,
     /// Worker counts, in order; speedup is against the first [default: 1, 2, 4, ... up to the
     /// number of cores].
     #[arg(long, value_delimiter = ',', value_parser = at_least_one)]
@@ -455,6 +465,16 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// `WIDTHxHEIGHT`, both at least 1.
+fn photo_size(text: &str) -> Result<(u32, u32), String> {
+    let parse = |t: &str| t.trim().parse::<u32>().ok().filter(|&v| v > 0);
+    match text.split_once(['x', 'X']) {
+        Some((w, h)) => parse(w).zip(parse(h)),
+        None => None,
+    }
+    .ok_or_else(|| format!("{text}: expected WIDTHxHEIGHT, e.g. 4032x3024"))
 }
 
 /// Shortest `--poll-interval`.

@@ -21,8 +21,17 @@ pub fn bench(out: &mut dyn Write, args: &BenchArgs) -> Result<()> {
         }
     };
     let input = dir.join("input");
-    let n = verger::bench::replicate(&args.input, &input, args.images)
-        .with_context(|| format!("replicating {}", args.input.display()))?;
+    let n = match args.photo_size {
+        None => verger::bench::replicate(&args.input, &input, args.images),
+        Some(size) => {
+            eprintln!(
+                "verger bench: writing {} photos of {}x{} ...",
+                args.images, size.0, size.1
+            );
+            verger::bench::replicate_as_photos(&args.input, &input, args.images, size)
+        }
+    }
+    .with_context(|| format!("replicating {}", args.input.display()))?;
     let workers = if args.workers.is_empty() {
         let cores = default_workers();
         std::iter::successors(Some(1), |w| Some(w * 2))

@@ -145,6 +145,7 @@ pub fn run_job(
         },
         connect_timeout: service.connect_timeout,
         head,
+        orientation: engine.orientation,
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));

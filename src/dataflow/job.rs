@@ -61,6 +61,8 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     /// A classifier head applied to every row in the embed stage (`--head`).
     pub head: Option<Arc<SavedHead>>,
+    /// Whether pictures are turned upright as their EXIF orientation says.
+    pub orientation: crate::decode::Orientation,
 }
 
 /// How large one input object may be: what keeps a worker's memory bounded whatever the
@@ -104,6 +106,7 @@ impl RunConfig {
             lease: LeaseSettings::default(),
             connect_timeout: cluster::CONNECT_TIMEOUT,
             head: None,
+            orientation: crate::decode::Orientation::default(),
         }
     }
 }

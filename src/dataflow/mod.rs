@@ -98,8 +98,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         let labelled = decode::stage(
             fetched,
             ctx,
-            side,
-            limits.max_pixels,
+            (side, limits.max_pixels, config.orientation),
             config.batch_size,
             gate,
         );
