@@ -15,7 +15,7 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use std::io::Cursor;
 use timely::dataflow::StreamVec;
 
-use crate::label::label_of;
+use crate::label::LabelRule;
 use crate::operators::{paced_map, Gate, StageContext};
 pub use crate::record::Pixels;
 use crate::record::{Epoch, Failure, Fetched, Labelled, Miss, Stage};
@@ -33,6 +33,20 @@ pub enum Orientation {
     Apply,
     /// Use the pixels as stored, as pipelines that ignore the tag do (Keras' `load_img`).
     Ignore,
+}
+
+/// What the decode stage makes of fetched bytes: the network's square input of `side`, within
+/// a pixel budget, upright or not, labelled by a rule.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeSettings {
+    /// The network's input side.
+    pub side: u32,
+    /// The pixel budget ([`MAX_PIXELS`] by default).
+    pub max_pixels: u64,
+    /// What is done with the EXIF orientation.
+    pub orientation: Orientation,
+    /// Which folder of the key is the label.
+    pub labels: LabelRule,
 }
 
 /// Largest width or height accepted: a guard against decompression bombs.
@@ -110,7 +124,7 @@ pub enum DecodeError {
 pub fn stage<'s>(
     fetched: StreamVec<'s, Epoch, Result<Fetched, Miss>>,
     ctx: &StageContext,
-    (side, max_pixels, orientation): (u32, u64, Orientation),
+    settings: DecodeSettings,
     per_activation: usize,
     gate: Gate,
 ) -> StreamVec<'s, Epoch, Result<Labelled, Miss>> {
@@ -123,19 +137,21 @@ pub fn stage<'s>(
         Some(gate),
         move |f| {
             clock.time(TimedStage::Decode, || {
-                f.and_then(|f| decode_and_label(f, (side, max_pixels, orientation)))
+                f.and_then(|f| decode_and_label(f, &settings))
             })
         },
     )
 }
 
-/// Decode, resize and label one fetched object (to `side x side`, within `max_pixels`, with
-/// `orientation`). A decoder that panics on hostile bytes gives the object an error record,
-/// like any other decode failure.
-pub fn decode_and_label(
-    fetched: Fetched,
-    (side, max_pixels, orientation): (u32, u64, Orientation),
-) -> Result<Labelled, Miss> {
+/// Decode, resize and label one fetched object as `settings` say. A decoder that panics on
+/// hostile bytes gives the object an error record, like any other decode failure.
+pub fn decode_and_label(fetched: Fetched, settings: &DecodeSettings) -> Result<Labelled, Miss> {
+    let DecodeSettings {
+        side,
+        max_pixels,
+        orientation,
+        labels,
+    } = *settings;
     let decoded = std::panic::catch_unwind(|| {
         decode_and_resize_oriented(&fetched.bytes, side, max_pixels, orientation)
     })
@@ -146,7 +162,7 @@ pub fn decode_and_label(
     });
     match decoded {
         Ok(pixels) => Ok(Labelled {
-            label: label_of(&fetched.key).map(str::to_string),
+            label: labels.label_of(&fetched.key).map(str::to_string),
             key: fetched.key,
             etag: fetched.etag,
             pixels,

@@ -259,3 +259,55 @@ fn a_12_megapixel_jpeg_decoded_at_a_dct_scale_embeds_like_the_full_decode() {
 
     assert_eq!(decode_and_resize(&small, 224).unwrap().rgb, full_of(&small));
 }
+
+/// Labels from another folder of the key: in `<year>/<field>/<crop>/photo.jpg`, `--label dir:2`
+/// labels by field, `dir:-3` by year, the default by crop; a rule past the key's folders gives
+/// no label.
+#[test]
+fn label_rules_pick_any_folder_of_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let photo = std::fs::read(lemon_path()).unwrap();
+    let keys = [
+        "2025/field3/lemon/a.jpg",
+        "2026/field7/lemon/b.jpg",
+        "2026/field7/apple/c.jpg",
+    ];
+    for key in keys {
+        let path = input.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, &photo).unwrap();
+    }
+    let labels_with = |rule: &[&str]| {
+        let output = dir.path().join(format!("out{}", rule.join("")));
+        run_cli(&input, &output, rule);
+        let rows = by_key(read_output(&output).rows);
+        keys.iter()
+            .map(|k| rows[*k].label.clone())
+            .collect::<Vec<_>>()
+    };
+    let some = |v: [&str; 3]| v.map(|s| Some(s.to_string())).to_vec();
+    assert_eq!(labels_with(&[]), some(["lemon", "lemon", "apple"]));
+    assert_eq!(
+        labels_with(&["--label", "dir:2"]),
+        some(["field3", "field7", "field7"])
+    );
+    assert_eq!(
+        labels_with(&["--label", "dir:-3"]),
+        some(["2025", "2026", "2026"])
+    );
+    assert_eq!(labels_with(&["--label", "dir:9"]), vec![None, None, None]);
+    let refused = verger()
+        .args(["run", "--label", "dir:0", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("expected `parent` or `dir:N`"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -238,6 +238,12 @@ pub struct EngineArgs {
     /// max-epochs-in-flight x (epoch-bytes + max-object-bytes).
     #[arg(long, default_value_t = verger::fetch::MAX_OBJECT_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_object_bytes: u64,
+    /// Which folder of a key is its label: `parent` (the folder holding the file), or `dir:N`,
+    /// the N-th folder from the start of the key under --input (`dir:1` the first), or from the
+    /// end when negative (`dir:-2` the folder above the parent). A key with no such folder has
+    /// no label.
+    #[arg(long, default_value = "parent", value_parser = label_rule)]
+    pub label: verger::label::LabelRule,
     /// What to do with a picture's EXIF orientation tag: `apply` turns it upright before
     /// resizing (what a viewer shows; phones store most photos sideways with such a tag),
     /// `ignore` uses the pixels as stored (as Keras' load_img does).
@@ -465,6 +471,12 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// A `--label` rule.
+fn label_rule(text: &str) -> Result<verger::label::LabelRule, String> {
+    text.parse()
+        .map_err(|e: verger::label::BadLabelRule| e.to_string())
 }
 
 /// `WIDTHxHEIGHT`, both at least 1.

@@ -146,6 +146,7 @@ pub fn run_job(
         connect_timeout: service.connect_timeout,
         head,
         orientation: engine.orientation,
+        labels: engine.label,
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));

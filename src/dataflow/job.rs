@@ -63,6 +63,8 @@ pub struct RunConfig {
     pub head: Option<Arc<SavedHead>>,
     /// Whether pictures are turned upright as their EXIF orientation says.
     pub orientation: crate::decode::Orientation,
+    /// Which folder of a key is its label.
+    pub labels: crate::label::LabelRule,
 }
 
 /// How large one input object may be: what keeps a worker's memory bounded whatever the
@@ -107,6 +109,7 @@ impl RunConfig {
             connect_timeout: cluster::CONNECT_TIMEOUT,
             head: None,
             orientation: crate::decode::Orientation::default(),
+            labels: crate::label::LabelRule::default(),
         }
     }
 }

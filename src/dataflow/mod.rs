@@ -98,7 +98,12 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         let labelled = decode::stage(
             fetched,
             ctx,
-            (side, limits.max_pixels, config.orientation),
+            decode::DecodeSettings {
+                side,
+                max_pixels: limits.max_pixels,
+                orientation: config.orientation,
+                labels: config.labels,
+            },
             config.batch_size,
             gate,
         );
