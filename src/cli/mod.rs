@@ -28,17 +28,11 @@ pub fn read_committed(
     let table = runtime.block_on(verger::sink::reader::read_table(store.as_ref()))?;
     if table.manifests.is_empty() {
         let page = runtime.block_on(store.list_page("", None, 1000))?;
-        let verger_wrote = |key: &str| {
-            [
-                "data/",
-                "errors/",
-                verger::commit::MANIFEST_PREFIX,
-                "_lease.json",
-            ]
+        let what = match page
+            .objects
             .iter()
-            .any(|p| key.starts_with(p))
-        };
-        let what = match page.objects.iter().find(|o| !verger_wrote(&o.key)) {
+            .find(|o| !verger::dataflow::is_output_key(&o.key))
+        {
             _ if page.objects.is_empty() => "is empty".to_string(),
             Some(o) => format!(
                 "is not a verger output (it holds {}, and no manifest)",

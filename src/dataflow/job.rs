@@ -249,6 +249,11 @@ pub fn nested_prefix(input: &dyn ObjectStore, output: &dyn ObjectStore) -> Optio
 /// What verger writes at the root of an output: manifests, data and error files, the lease.
 const OUTPUT_LAYOUT: [&str; 4] = [MANIFEST_PREFIX, "data/", "errors/", LEASE_KEY];
 
+/// Whether `key`, relative to an output, is something verger writes there ([`OUTPUT_LAYOUT`]).
+pub fn is_output_key(key: &str) -> bool {
+    OUTPUT_LAYOUT.iter().any(|p| key.starts_with(p))
+}
+
 /// The first key of the output's first listing page (up to 1,000 keys) that verger did not
 /// write, if any: an output folder full of images (`--output photos/Training`) is a slip,
 /// and writing among them would mix the table into the pictures.
@@ -260,7 +265,7 @@ async fn foreign_key(
         .objects
         .into_iter()
         .map(|o| o.key)
-        .find(|key| !OUTPUT_LAYOUT.iter().any(|p| key.starts_with(p))))
+        .find(|key| !is_output_key(key)))
 }
 
 /// Opens input and output, loads the network with `load` (only once both are open: a wrong

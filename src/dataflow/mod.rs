@@ -25,7 +25,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 
-pub use job::{nested_prefix, InputLimits, RunConfig, RunError, Summary};
+pub use job::{is_output_key, nested_prefix, InputLimits, RunConfig, RunError, Summary};
 use job::{Job, WorkerReport};
 
 use crate::commit::{self, CommitSettings};

@@ -157,8 +157,24 @@ fn walk(
     ancestors: &mut Vec<DirId>,
 ) -> Result<(), StorageError> {
     let abs = root.join(dir);
+    let listing = match std::fs::read_dir(&abs) {
+        Ok(listing) => listing,
+        // A folder under the root that cannot be read is one error record, not the end of
+        // the listing; it is listed where its first key would be, once.
+        Err(e) if !dir.is_empty() => {
+            if dir.starts_with(prefix)
+                && after
+                    .is_none_or(|a| !a.starts_with(dir) && key_order(dir, a) == Ordering::Greater)
+            {
+                let reason = format!("the folder cannot be read: {e}");
+                push(out, more, limit, unlistable(dir.to_string(), reason));
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(io(dir)(e)),
+    };
     let mut entries: Vec<(String, Entry)> = Vec::new();
-    for entry in std::fs::read_dir(&abs).map_err(io(dir))? {
+    for entry in listing {
         let entry = entry.map_err(io(dir))?;
         let name = match entry.file_name().into_string() {
             Ok(name) => name,
@@ -232,22 +248,6 @@ fn walk(
                     key,
                     "skipping a symbolic link to one of its own parent folders (a loop)"
                 );
-                continue;
-            }
-            if let Err(e) = std::fs::read_dir(root.join(&sub)) {
-                // A folder that cannot be read is one error record, not the end of the
-                // listing; it is listed where its first key would be, once.
-                if sub.starts_with(prefix)
-                    && after.is_none_or(|a| {
-                        !a.starts_with(&sub) && key_order(&sub, a) == Ordering::Greater
-                    })
-                {
-                    let reason = format!("the folder cannot be read: {e}");
-                    push(out, more, limit, unlistable(sub, reason));
-                }
-                if *more {
-                    return Ok(());
-                }
                 continue;
             }
             ancestors.push(id);
