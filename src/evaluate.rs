@@ -17,39 +17,82 @@ pub enum Split {
     Test,
 }
 
-/// How keys name their split: by a folder named `train` or `test` anywhere in the key's path
+/// How keys name their split.
+///
+/// [`Splits::Folders`]: by a folder named as one of `train` or `test` anywhere in the key's path
 /// (the folder nearest the file wins). The defaults, `Training` and `Test`, are Fruits-360's
 /// layout (`Training/<class>/x.jpg`, `Test/<class>/y.jpg`); under a prefix
 /// (`fruits/v2/Test/kiwi/y.jpg`) the split is still found. A key in neither is left out.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Splits {
-    /// Folder name of the training split.
-    pub train: String,
-    /// Folder name of the test split.
-    pub test: String,
+///
+/// [`Splits::Hash`]: for a collection without split folders, a share of the keys, chosen by a
+/// hash of the key (XXH3, a published algorithm: the same keys on every machine and run, and a
+/// key keeps its split as the collection grows), is the test split; every other key trains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Splits {
+    /// Folder names of each split.
+    Folders {
+        /// Folder names of the training split.
+        train: Vec<String>,
+        /// Folder names of the test split.
+        test: Vec<String>,
+    },
+    /// A share of the keys, by hash, is the test split.
+    Hash {
+        /// The test split's share of the keys, in (0, 1).
+        test_share: f64,
+    },
 }
 
 impl Default for Splits {
     fn default() -> Self {
-        Self {
-            train: "Training".to_string(),
-            test: "Test".to_string(),
+        Splits::Folders {
+            train: vec!["Training".to_string()],
+            test: vec!["Test".to_string()],
         }
     }
 }
 
 impl Splits {
-    /// The split of `key`, if one of its folders names one.
+    /// The split of `key`, if one of its folders names one (always one for a hash split).
     pub fn of(&self, key: &str) -> Option<Split> {
-        key.split('/').rev().skip(1).find_map(|folder| {
-            if folder == self.train {
-                Some(Split::Train)
-            } else if folder == self.test {
-                Some(Split::Test)
-            } else {
-                None
+        match self {
+            Splits::Folders { train, test } => key.split('/').rev().skip(1).find_map(|folder| {
+                if train.iter().any(|t| t == folder) {
+                    Some(Split::Train)
+                } else if test.iter().any(|t| t == folder) {
+                    Some(Split::Test)
+                } else {
+                    None
+                }
+            }),
+            Splits::Hash { test_share } => {
+                let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+                // The hash's top 53 bits as a fraction in [0, 1).
+                let position = (hash >> 11) as f64 / (1u64 << 53) as f64;
+                Some(if position < *test_share {
+                    Split::Test
+                } else {
+                    Split::Train
+                })
             }
-        })
+        }
+    }
+
+    /// The training split, as output lines name it: its folder names joined by `+`
+    /// (`Training`, `train+extra`), or `hash 0.8` for a hash split.
+    pub fn train_name(&self) -> String {
+        match self {
+            Splits::Folders { train, .. } => train.join("+"),
+            Splits::Hash { test_share } => format!("hash {}", 1.0 - test_share),
+        }
+    }
+
+    /// The test split, as output lines name it (`Test`, `val+holdout`, `hash 0.2`).
+    pub fn test_name(&self) -> String {
+        match self {
+            Splits::Folders { test, .. } => test.join("+"),
+            Splits::Hash { test_share } => format!("hash {test_share}"),
+        }
     }
 
     /// The rows of each split: (train, test).
@@ -132,6 +175,7 @@ mod tests {
 
     fn row(label: &str, e: &[f32]) -> Embedded {
         Embedded {
+            columns: Vec::new(),
             key: format!("{label}/x"),
             etag: String::new(),
             label: Some(label.into()),
@@ -158,12 +202,50 @@ mod tests {
             None,
             "whole folder names only"
         );
-        let custom = Splits {
-            train: "train".into(),
-            test: "val".into(),
+        let custom = Splits::Folders {
+            train: vec!["train".into(), "extra".into()],
+            test: vec!["val".into(), "holdout".into()],
         };
         assert_eq!(custom.of("data/val/kiwi/a.jpg"), Some(Split::Test));
+        assert_eq!(custom.of("data/holdout/kiwi/a.jpg"), Some(Split::Test));
+        assert_eq!(custom.of("extra/kiwi/a.jpg"), Some(Split::Train));
         assert_eq!(custom.of("Test/kiwi/a.jpg"), None);
+        assert_eq!(custom.test_name(), "val+holdout");
+        assert_eq!(Splits::default().train_name(), "Training");
+        assert_eq!(Splits::Hash { test_share: 0.25 }.train_name(), "hash 0.75");
+    }
+
+    #[test]
+    fn a_hash_split_takes_its_share_of_the_keys_the_same_way_every_time() {
+        let splits = Splits::Hash { test_share: 0.2 };
+        let keys: Vec<String> = (0..10_000)
+            .map(|i| format!("field{}/crop/IMG_{i:05}.jpg", i % 7))
+            .collect();
+        let test: Vec<&String> = keys
+            .iter()
+            .filter(|k| splits.of(k) == Some(Split::Test))
+            .collect();
+        let share = test.len() as f64 / keys.len() as f64;
+        assert!((0.18..0.22).contains(&share), "test share {share}");
+        assert!(
+            keys.iter().all(|k| splits.of(k).is_some()),
+            "every key has a split"
+        );
+        // The same keys again (another run, another machine), and a key keeps its split when
+        // others are added.
+        let again: Vec<&String> = keys
+            .iter()
+            .filter(|k| splits.of(k) == Some(Split::Test))
+            .collect();
+        assert_eq!(test, again);
+        // Pinned: a change of hash (which would move rows between the splits of an existing
+        // collection) changes this count.
+        assert_eq!(test.len(), 1984);
+        let wider = Splits::Hash { test_share: 0.5 };
+        assert!(
+            test.iter().all(|k| wider.of(k) == Some(Split::Test)),
+            "a wider share keeps the narrower one's test keys"
+        );
     }
 
     #[test]

@@ -1,15 +1,17 @@
-//! Label stage: the class of an image is the name of a folder of its key.
+//! Label stage: the class of an image, and any other column, from its key.
 //!
 //! Fruits-360 stores one folder per class (`Training/Apple Red 1/r_3_100.jpg`), so by default the
 //! label is the last path segment before the file name ([`LabelRule::Parent`]); a collection laid
-//! out as `2026/<field>/<crop>/IMG_0001.jpg` names another folder ([`LabelRule::Folder`]). Keys
-//! use `/` as separator on every store and are relative to the input.
+//! out as `2026/<field>/<crop>/IMG_0001.jpg` names another folder ([`LabelRule::Folder`]), or a
+//! regular expression takes the label and extra columns from any part of the key
+//! ([`LabelRule::Pattern`]). Keys use `/` as separator on every store and are relative to the
+//! input.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// Which folder of a key names its label (`--label`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which part of a key names its label (`--label`, `--label-pattern`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum LabelRule {
     /// The folder that holds the file (`parent`).
     #[default]
@@ -18,14 +20,28 @@ pub enum LabelRule {
     /// the first folder under the input), from the end when negative (`dir:-1` is the parent,
     /// `dir:-2` the one above). A key with fewer folders has no label.
     Folder(i32),
+    /// A regular expression's named groups: `label` is the label, every other named group a
+    /// string column of the table. A key it does not match has no label and null columns.
+    Pattern(LabelPattern),
+}
+
+/// The label and extra columns of one key under a [`LabelRule`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyLabels {
+    /// The label (`None`: the key has none under the rule).
+    pub label: Option<String>,
+    /// The extra columns, name and value, in the order of [`LabelRule::columns`].
+    pub columns: Vec<(String, Option<String>)>,
 }
 
 impl LabelRule {
-    /// The label of `key` under this rule, `None` when the key has no such folder.
+    /// The label of `key` under this rule, `None` when the key has no such folder (or the
+    /// pattern does not match it).
     pub fn label_of<'k>(&self, key: &'k str) -> Option<&'k str> {
-        match *self {
+        match self {
             LabelRule::Parent => label_of(key),
             LabelRule::Folder(n) => {
+                let n = *n;
                 let mut folders: Vec<&str> = key.split('/').filter(|s| !s.is_empty()).collect();
                 folders.pop()?; // the file
                 let index = match n {
@@ -34,7 +50,137 @@ impl LabelRule {
                 };
                 folders.get(index).copied()
             }
+            LabelRule::Pattern(pattern) => pattern
+                .regex
+                .captures(key)?
+                .name("label")
+                .map(|m| m.as_str()),
         }
+    }
+
+    /// The label and extra columns of `key`.
+    pub fn apply(&self, key: &str) -> KeyLabels {
+        match self {
+            LabelRule::Pattern(pattern) => match pattern.regex.captures(key) {
+                Some(found) => KeyLabels {
+                    label: found.name("label").map(|m| m.as_str().to_string()),
+                    columns: pattern
+                        .columns
+                        .iter()
+                        .map(|c| (c.clone(), found.name(c).map(|m| m.as_str().to_string())))
+                        .collect(),
+                },
+                None => KeyLabels {
+                    label: None,
+                    columns: pattern.columns.iter().map(|c| (c.clone(), None)).collect(),
+                },
+            },
+            rule => KeyLabels {
+                label: rule.label_of(key).map(str::to_string),
+                columns: Vec::new(),
+            },
+        }
+    }
+
+    /// The extra string columns this rule gives every row (a pattern's named groups other
+    /// than `label`, in the pattern's order); none for the folder rules.
+    pub fn columns(&self) -> &[String] {
+        match self {
+            LabelRule::Pattern(pattern) => &pattern.columns,
+            _ => &[],
+        }
+    }
+}
+
+/// A `--label-pattern`: a regular expression searched in each key, with a named group `label`
+/// and any other named groups (extra columns).
+#[derive(Clone, Debug)]
+pub struct LabelPattern {
+    regex: regex::Regex,
+    columns: Vec<String>,
+}
+
+impl PartialEq for LabelPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.regex.as_str() == other.regex.as_str()
+    }
+}
+
+impl Eq for LabelPattern {}
+
+/// Columns of the embeddings table a pattern's group may not be named after.
+pub const TABLE_COLUMNS: [&str; 10] = [
+    "key",
+    "label",
+    "width",
+    "height",
+    "embedding",
+    "model",
+    "etag",
+    "epoch",
+    "prediction",
+    "confidence",
+];
+
+/// Why a `--label-pattern` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadLabelPattern {
+    /// Not a regular expression.
+    #[error("{pattern:?} is not a regular expression: {reason}")]
+    Syntax {
+        /// The pattern.
+        pattern: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// No group names the label.
+    #[error("{0:?} has no group named `label` (write it as `(?P<label>...)`)")]
+    NoLabel(String),
+    /// A group is named after one of the table's own columns.
+    #[error("{pattern:?}: the group `{name}` would shadow the table's own column of that name")]
+    Reserved {
+        /// The pattern.
+        pattern: String,
+        /// The group's name.
+        name: String,
+    },
+}
+
+impl FromStr for LabelPattern {
+    type Err = BadLabelPattern;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let regex = regex::Regex::new(text).map_err(|e| BadLabelPattern::Syntax {
+            pattern: text.to_string(),
+            reason: e
+                .to_string()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        })?;
+        let names: Vec<&str> = regex.capture_names().flatten().collect();
+        if !names.contains(&"label") {
+            return Err(BadLabelPattern::NoLabel(text.to_string()));
+        }
+        let mut columns = Vec::new();
+        for name in names.into_iter().filter(|&n| n != "label") {
+            if TABLE_COLUMNS.contains(&name) {
+                return Err(BadLabelPattern::Reserved {
+                    pattern: text.to_string(),
+                    name: name.to_string(),
+                });
+            }
+            columns.push(name.to_string());
+        }
+        Ok(LabelPattern { regex, columns })
+    }
+}
+
+impl fmt::Display for LabelPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.regex.as_str())
     }
 }
 
@@ -63,6 +209,7 @@ impl fmt::Display for LabelRule {
         match self {
             LabelRule::Parent => write!(f, "parent"),
             LabelRule::Folder(n) => write!(f, "dir:{n}"),
+            LabelRule::Pattern(p) => write!(f, "pattern:{p}"),
         }
     }
 }
@@ -97,6 +244,59 @@ mod tests {
         assert_eq!(rule("dir:-4").label_of(key), None);
         assert_eq!(rule("dir:2").label_of("root.jpg"), None);
         assert_eq!(rule("dir:-2").to_string(), "dir:-2");
+    }
+
+    #[test]
+    fn a_pattern_gives_the_label_and_a_column_per_other_named_group() {
+        let pattern: super::LabelPattern =
+            r"^(?P<year>\d{4})/(?P<field>[^/]+)/(?P<label>[^/]+)/(?:(?P<camera>cam\d)_)?"
+                .parse()
+                .unwrap();
+        let rule = LabelRule::Pattern(pattern);
+        assert_eq!(rule.columns(), ["year", "field", "camera"]);
+        let got = rule.apply("2026/field7/apple/cam2_0001.jpg");
+        assert_eq!(got.label.as_deref(), Some("apple"));
+        let values =
+            |k: &super::KeyLabels| k.columns.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            values(&got),
+            [
+                Some("2026".into()),
+                Some("field7".into()),
+                Some("cam2".into())
+            ]
+        );
+        assert_eq!(got.columns[1].0, "field");
+        let no_camera = rule.apply("2025/north/pear/IMG_1.jpg");
+        assert_eq!(no_camera.label.as_deref(), Some("pear"));
+        assert_eq!(
+            no_camera.columns[2].1, None,
+            "a group that took no part is null"
+        );
+        let unmatched = rule.apply("misc/IMG_2.jpg");
+        assert_eq!(unmatched.label, None);
+        assert_eq!(values(&unmatched), [None, None, None]);
+        assert_eq!(rule.label_of("2026/field7/apple/x.jpg"), Some("apple"));
+        assert!(LabelRule::Parent.columns().is_empty());
+        assert_eq!(
+            LabelRule::Parent.apply("a/b.jpg"),
+            super::KeyLabels {
+                label: Some("a".into()),
+                columns: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_pattern_is_refused_saying_why() {
+        let err = |text: &str| text.parse::<super::LabelPattern>().unwrap_err().to_string();
+        assert!(
+            err("(?P<label>[").contains("is not a regular expression"),
+            "{}",
+            err("(?P<label>[")
+        );
+        assert!(err("(?P<crop>[^/]+)/").contains("has no group named `label`"));
+        assert!(err("(?P<label>[^/]+)/(?P<epoch>\\d+)").contains("the group `epoch` would shadow"));
     }
 
     #[test]

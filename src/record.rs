@@ -92,8 +92,10 @@ pub struct Labelled {
     pub key: String,
     /// The version read.
     pub etag: String,
-    /// Parent folder name (`None` at the root).
+    /// The label under the run's rule (`None`: the key has none).
     pub label: Option<String>,
+    /// Extra columns from the key (`--label-pattern`'s other named groups): name and value.
+    pub columns: Vec<(String, Option<String>)>,
     /// Original size and the model's input pixels.
     pub pixels: Pixels,
 }
@@ -105,8 +107,10 @@ pub struct Embedded {
     pub key: String,
     /// The version embedded; a later row of the same key with another ETag supersedes it.
     pub etag: String,
-    /// Parent folder name (`None` at the root).
+    /// The label under the run's rule (`None`: the key has none).
     pub label: Option<String>,
+    /// Extra columns from the key (`--label-pattern`'s other named groups): name and value.
+    pub columns: Vec<(String, Option<String>)>,
     /// Original width.
     pub width: u32,
     /// Original height.

@@ -277,6 +277,7 @@ mod tests {
 
     fn row(key: String, label: &str, embedding: Vec<f32>) -> Embedded {
         Embedded {
+            columns: Vec::new(),
             key,
             etag: String::new(),
             label: Some(label.into()),
@@ -337,6 +338,7 @@ mod tests {
     #[test]
     fn throughput_is_committed_objects_over_wall_clock_time_per_run() {
         let manifest = |epoch, run: &str, started, committed, rows| Manifest {
+            derivation: String::new(),
             epoch,
             run: run.into(),
             model: "m".into(),

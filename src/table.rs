@@ -4,6 +4,8 @@
 //! `embeddings`: `key` utf8, `label` utf8 (null for a key at the root), `width` / `height`
 //! uint32 (original size), `embedding` FixedSizeList<Float32, 1280>, `model` utf8, `etag`
 //! utf8 (the version of the object embedded), `epoch` uint64 (the epoch that committed it).
+//! A run with `--label-pattern` adds one nullable utf8 column per named group of the pattern
+//! other than `label`, after these (e.g. `field`).
 //! `errors`: `key`, `stage` (`size` | `fetch` | `decode` | `embed`), `reason`, `model`,
 //! `etag`, all utf8, and `epoch` uint64.
 //!
@@ -78,9 +80,16 @@ fn embedding_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Float32, false))
 }
 
-/// Schema of the embeddings table.
-pub fn embeddings_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+/// Schema of the embeddings table, with the extra string `columns` of a label pattern.
+pub fn embeddings_schema(columns: &[String]) -> SchemaRef {
+    let mut fields = base_fields();
+    fields.extend(columns.iter().map(|c| Field::new(c, DataType::Utf8, true)));
+    Arc::new(Schema::new(fields))
+}
+
+/// The embeddings table's own columns.
+fn base_fields() -> Vec<Field> {
+    vec![
         Field::new("key", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, true),
         Field::new("width", DataType::UInt32, false),
@@ -95,7 +104,7 @@ pub fn embeddings_schema() -> SchemaRef {
         Field::new("epoch", DataType::UInt64, false),
         Field::new("prediction", DataType::Utf8, true),
         Field::new("confidence", DataType::Float32, true),
-    ]))
+    ]
 }
 
 /// Schema of the errors table.
@@ -115,8 +124,14 @@ fn epoch_column(len: usize, epoch: Epoch) -> ArrayRef {
     Arc::new(UInt64Array::from(vec![epoch; len]))
 }
 
-/// Encodes embedding rows of `epoch`.
-pub fn embeddings_batch(rows: &[Embedded], model: &str, epoch: Epoch) -> RecordBatch {
+/// Encodes embedding rows of `epoch`, with the extra string `columns` of a label pattern (a
+/// row without one of them has a null there).
+pub fn embeddings_batch(
+    rows: &[Embedded],
+    model: &str,
+    epoch: Epoch,
+    columns: &[String],
+) -> RecordBatch {
     let values: Vec<f32> = rows
         .iter()
         .flat_map(|r| r.embedding.iter().copied())
@@ -127,7 +142,7 @@ pub fn embeddings_batch(rows: &[Embedded], model: &str, epoch: Epoch) -> RecordB
         Arc::new(Float32Array::from(values)),
         None,
     );
-    let columns: Vec<ArrayRef> = vec![
+    let mut arrays: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.key.as_str()),
         )),
@@ -151,7 +166,15 @@ pub fn embeddings_batch(rows: &[Embedded], model: &str, epoch: Epoch) -> RecordB
                 .map(|r| r.prediction.as_ref().map(|p| p.confidence)),
         )),
     ];
-    RecordBatch::try_new(embeddings_schema(), columns).expect("columns match the schema")
+    for name in columns {
+        arrays.push(Arc::new(StringArray::from_iter(rows.iter().map(|r| {
+            r.columns
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.as_deref())
+        }))));
+    }
+    RecordBatch::try_new(embeddings_schema(columns), arrays).expect("columns match the schema")
 }
 
 /// Encodes error records of `epoch`.
@@ -313,11 +336,30 @@ pub fn decode_rows(batch: &RecordBatch, file: &str) -> Result<Vec<Embedded>, Tab
         )),
         None => None,
     };
+    // The extra columns of a label pattern: every other string column, in the file's order.
+    let extra: Vec<(&str, &StringArray)> = batch
+        .schema_ref()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter(|(f, _)| {
+            f.data_type() == &DataType::Utf8
+                && !crate::label::TABLE_COLUMNS.contains(&f.name().as_str())
+        })
+        .map(|(f, c)| (f.name().as_str(), c.as_string::<i32>()))
+        .collect();
     Ok((0..batch.num_rows())
         .map(|i| Embedded {
             key: key.value(i).to_string(),
             etag: etag.value(i).to_string(),
             label: (!label.is_null(i)).then(|| label.value(i).to_string()),
+            columns: extra
+                .iter()
+                .map(|(name, values)| {
+                    let value = (!values.is_null(i)).then(|| values.value(i).to_string());
+                    (name.to_string(), value)
+                })
+                .collect(),
             width: width.value(i),
             height: height.value(i),
             embedding: embedding
@@ -372,6 +414,7 @@ mod tests {
     async fn rows_are_read_by_column_name_in_any_order() {
         let dir = tempfile::tempdir().unwrap();
         let row = Embedded {
+            columns: Vec::new(),
             key: "Training/kiwi/a.jpg".into(),
             etag: "e1".into(),
             label: Some("kiwi".into()),
@@ -383,7 +426,7 @@ mod tests {
                 confidence: 0.75,
             }),
         };
-        let batch = embeddings_batch(std::slice::from_ref(&row), "m", 3);
+        let batch = embeddings_batch(std::slice::from_ref(&row), "m", 3, &[]);
         let schema = batch.schema();
         let reversed: Vec<usize> = (0..batch.num_columns()).rev().collect();
         let shuffled = batch.project(&reversed).unwrap();
@@ -403,6 +446,7 @@ mod tests {
     async fn a_missing_or_mistyped_column_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let row = Embedded {
+            columns: Vec::new(),
             key: "k".into(),
             etag: "e".into(),
             label: None,
@@ -411,7 +455,7 @@ mod tests {
             embedding: vec![0.0; FEATURE_DIM],
             prediction: None,
         };
-        let batch = embeddings_batch(&[row], "m", 0);
+        let batch = embeddings_batch(&[row], "m", 0, &[]);
         let without_height = batch.project(&[0, 1, 2, 4, 5, 6, 7]).unwrap();
         write(dir.path(), "data/a.parquet", &without_height);
         let store = LocalStore::open(dir.path(), false).unwrap();

@@ -226,12 +226,121 @@ fn webp_tiff_bmp_and_gif_are_embedded_like_png() {
     }
     assert_eq!(table.errors.len(), 1);
     assert!(
-        table.errors[0]
-            .reason
-            .contains("not a supported image (JPEG, PNG, WebP, TIFF, BMP, GIF (first frame))"),
+        table.errors[0].reason.contains(&format!(
+            "not a supported image ({})",
+            verger::decode::FORMATS
+        )),
         "{}",
         table.errors[0].reason
     );
+}
+
+/// Mean and largest difference of two pixel buffers of the same size.
+#[cfg(feature = "heic")]
+fn pixel_difference(a: &[u8], b: &[u8]) -> (f64, u8) {
+    assert_eq!(a.len(), b.len());
+    let sum: u64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0);
+    (sum as f64 / a.len() as f64, max)
+}
+
+/// `heif-enc` (Debian's libheif-examples) run on `png`, writing `out` with `flags`.
+#[cfg(feature = "heic")]
+fn heif_enc(png: &Path, out: &Path, flags: &[&str]) {
+    let status = std::process::Command::new("heif-enc")
+        .args(flags)
+        .arg(png)
+        .arg("-o")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("heif-enc (Debian: libheif-examples) must be installed for the HEIC tests");
+    assert!(status.success(), "heif-enc {flags:?}: {status}");
+}
+
+/// The sample photo converted by libheif's own encoder: HEIC (HEVC, quality 90), AVIF (AV1,
+/// quality 90) and lossless HEIC are embedded like the PNG they were made from (the lossless one
+/// to the same pixels within one level, libheif's RGB rounding); a HEIC cut in half and garbage in an `ftyp heic` box are error records
+/// naming the HEIF decoder's reason; the formats are listed in the error of an unknown file.
+#[cfg(feature = "heic")]
+#[test]
+fn heic_and_avif_photos_are_embedded_like_the_png_they_were_made_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in/lemon");
+    std::fs::create_dir_all(&input).unwrap();
+    let png = dir.path().join("photo.png");
+    lemon().save(&png).unwrap();
+    std::fs::copy(&png, input.join("photo.png")).unwrap();
+    heif_enc(&png, &input.join("photo.heic"), &["-q", "90"]);
+    heif_enc(&png, &input.join("photo.avif"), &["-A", "-q", "90"]);
+    let lossless = dir.path().join("lossless.heic");
+    heif_enc(
+        &png,
+        &lossless,
+        &["-L", "-p", "chroma=444", "--matrix_coefficients=0"],
+    );
+    std::fs::copy(&lossless, input.join("lossless.heic")).unwrap();
+    let heic = std::fs::read(input.join("photo.heic")).unwrap();
+    std::fs::write(input.join("cut.heic"), &heic[..heic.len() / 2]).unwrap();
+    let mut fake = heic[..12].to_vec();
+    fake.extend(b"not the rest of a HEIF file");
+    std::fs::write(input.join("fake.heic"), fake).unwrap();
+
+    let lossless =
+        verger::decode::decode_and_resize(&std::fs::read(&lossless).unwrap(), 224).unwrap();
+    let from_png = verger::decode::decode_and_resize(&std::fs::read(&png).unwrap(), 224).unwrap();
+    let (mean, max) = pixel_difference(&lossless.rgb, &from_png.rgb);
+    println!("lossless HEIC against the PNG: mean difference {mean:.4}, max {max}");
+    assert!(
+        mean < 0.2 && max <= 1,
+        "lossless HEIC: mean {mean}, max {max}"
+    );
+
+    let output = dir.path().join("out");
+    run_cli(&dir.path().join("in"), &output, &[]);
+    let table = read_output(&output);
+    let rows = by_key(table.rows);
+    assert_eq!(rows.len(), 4, "{:?}", rows.keys());
+    let png_row = &rows["lemon/photo.png"].embedding;
+    for (name, least) in [
+        ("photo.heic", 0.99),
+        ("photo.avif", 0.99),
+        ("lossless.heic", 0.9995),
+    ] {
+        let row = &rows[&format!("lemon/{name}")];
+        let cos = cosine(&row.embedding, png_row);
+        println!("{name}: cosine {cos:.6} to the PNG");
+        assert!(cos >= least, "{name}: cosine {cos} to the PNG");
+        assert_eq!((row.width, row.height), (100, 100), "{name}");
+        assert_eq!(row.label.as_deref(), Some("lemon"));
+    }
+    let mut errors: Vec<_> = table
+        .errors
+        .iter()
+        .map(|e| (e.key.as_str(), e.reason.as_str()))
+        .collect();
+    errors.sort();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for (key, reason) in errors {
+        assert!(
+            key.ends_with("cut.heic") || key.ends_with("fake.heic"),
+            "{key}"
+        );
+        assert!(
+            reason.starts_with("HEIF decoder failed: "),
+            "{key}: {reason}"
+        );
+    }
+    assert!(verger::decode::FORMATS.contains("HEIC"));
 }
 
 /// A 12 MP phone-size JPEG (a sample photo upscaled to 4032x3024 with noise, quality 90) is
@@ -258,6 +367,47 @@ fn a_12_megapixel_jpeg_decoded_at_a_dct_scale_embeds_like_the_full_decode() {
     assert_ne!(scaled.rgb, full, "the scaled path was taken");
 
     assert_eq!(decode_and_resize(&small, 224).unwrap().rgb, full_of(&small));
+}
+
+/// A large photo stored with each EXIF orientation takes the DCT-scaled path (libjpeg-turbo,
+/// which reads no EXIF itself) and still comes out upright: its pixels are those of the upright
+/// photo resized (mean difference under 2 levels of 255, against more than 8 for the stored
+/// pixels of every turned tag), and the row has the upright size.
+#[test]
+fn a_large_photo_is_turned_upright_on_the_scaled_path_too() {
+    use verger::decode::{decode_and_resize_oriented, resize_rgb, Orientation, MAX_PIXELS};
+    let upright =
+        image::imageops::resize(&upright(), 1000, 720, image::imageops::FilterType::Triangle);
+    let expected = resize_rgb(upright.as_raw().clone(), 1000, 720, 224);
+    let mean_difference = |a: &[u8], b: &[u8]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x.abs_diff(*y)))
+            .sum::<f64>()
+            / a.len() as f64
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for tag in 1..=8u16 {
+        let path = dir.path().join(format!("{tag}.jpg"));
+        jpeg_with_orientation(&stored_for(&upright, tag), tag, &path);
+        let bytes = std::fs::read(&path).unwrap();
+        let turned =
+            decode_and_resize_oriented(&bytes, 224, MAX_PIXELS, Orientation::Apply).unwrap();
+        assert_eq!(
+            (turned.width, turned.height),
+            (1000, 720),
+            "orientation {tag}"
+        );
+        let difference = mean_difference(&turned.rgb, &expected);
+        println!("orientation {tag}: mean difference {difference:.3} to the upright photo");
+        assert!(difference < 2.0, "orientation {tag}: {difference}");
+        let stored =
+            decode_and_resize_oriented(&bytes, 224, MAX_PIXELS, Orientation::Ignore).unwrap();
+        if tag != 1 {
+            let difference = mean_difference(&stored.rgb, &expected);
+            assert!(difference > 8.0, "orientation {tag} ignored: {difference}");
+        }
+    }
 }
 
 /// Labels from another folder of the key: in `<year>/<field>/<crop>/photo.jpg`, `--label dir:2`
@@ -310,4 +460,170 @@ fn label_rules_pick_any_folder_of_the_key() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+/// `--label-pattern` on a `<year>/<field>/<crop>/` layout of sample photos: the crop is the
+/// label, year and field are string columns of the table; a key the pattern does not match has
+/// no label and null columns, and the summary counts it. The output then refuses a run that
+/// would label otherwise (its committed rows would keep the old labels) and accepts the same
+/// options again (nothing to redo). With no split folders, `--split hash:F` scores the
+/// nearest-centroid classifier in `inspect` and a head in `train`; `--train`/`--test` take
+/// several folder names; a bad or conflicting split is a usage error.
+#[test]
+fn a_label_pattern_gives_labels_and_columns_and_splits_work_without_split_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let mut expected = std::collections::BTreeMap::new();
+    for class in ["apple", "lemon", "mango", "raspberry"] {
+        let photos = sample_dir().join("Training").join(class);
+        for (i, name) in files_under(&photos).into_iter().take(20).enumerate() {
+            let (year, field) = [("2025", "north"), ("2026", "south"), ("2026", "east")][i % 3];
+            let key = format!("{year}/{field}/{class}/{name}");
+            let path = input.join(&key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::copy(photos.join(&name), path).unwrap();
+            expected.insert(key, (class, year, field));
+        }
+    }
+    std::fs::create_dir_all(input.join("misc")).unwrap();
+    std::fs::copy(lemon_path(), input.join("misc/unsorted.jpg")).unwrap();
+    let output = dir.path().join("out");
+    let pattern = r"^(?P<year>\d{4})/(?P<field>[^/]+)/(?P<label>[^/]+)/";
+    let run = |extra: &[&str]| {
+        verger()
+            .args(["run", "-w", "2", "--no-progress", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--label-pattern", pattern]);
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(stdout.contains("embedded 81, errors 0"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "1 of 81 rows have no label: --label-pattern {pattern}"
+        )),
+        "{stdout}"
+    );
+    let rows = by_key(read_output(&output).rows);
+    assert_eq!(rows.len(), 81);
+    for (key, (class, year, field)) in &expected {
+        let row = &rows[key];
+        assert_eq!(row.label.as_deref(), Some(*class), "{key}");
+        let some = |v: &str| Some(v.to_string());
+        assert_eq!(
+            row.columns,
+            [
+                ("year".to_string(), some(year)),
+                ("field".to_string(), some(field))
+            ],
+            "{key}"
+        );
+    }
+    let unsorted = &rows["misc/unsorted.jpg"];
+    assert_eq!(unsorted.label, None);
+    assert_eq!(
+        unsorted.columns,
+        [("year".to_string(), None), ("field".to_string(), None)]
+    );
+
+    let other = run(&["--label", "dir:2"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success(),
+        "another label rule must be refused"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "holds rows made with orientation=apply label=pattern:{pattern}"
+        )) && stderr.contains("this run asks for orientation=apply label=dir:2"),
+        "{stderr}"
+    );
+    let turned = run(&["--label-pattern", pattern, "--orientation", "ignore"]);
+    assert!(
+        !turned.status.success(),
+        "another orientation must be refused"
+    );
+    let again = run(&["--label-pattern", pattern]);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        stdout.contains("embedded 0, errors 0") && stdout.contains("81 skipped"),
+        "{stdout}"
+    );
+
+    let inspect = |extra: &[&str]| {
+        verger()
+            .arg("inspect")
+            .arg(&output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let folders = inspect(&[]);
+    assert!(
+        !String::from_utf8_lossy(&folders.stdout).contains("nearest-centroid"),
+        "no Training/Test folders: no default split"
+    );
+    let hashed = succeeds(
+        verger()
+            .arg("inspect")
+            .arg(&output)
+            .args(["--split", "hash:0.3"]),
+    );
+    let line = hashed
+        .lines()
+        .find(|l| l.starts_with("nearest-centroid accuracy on hash 0.3 ("))
+        .unwrap_or_else(|| panic!("{hashed}"));
+    let accuracy: f64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.trim_end_matches('%').parse().ok())
+        .unwrap();
+    assert!(accuracy >= 90.0, "{line}");
+    let by_year = succeeds(verger().arg("inspect").arg(&output).args([
+        "--train",
+        "2025",
+        "--test",
+        "2026,misc",
+    ]));
+    assert!(
+        by_year.contains("nearest-centroid accuracy on 2026+misc (52 images, centroids from 2025)"),
+        "{by_year}"
+    );
+    let head = dir.path().join("head");
+    let trained = succeeds(
+        verger()
+            .args(["train", "--input"])
+            .arg(&output)
+            .arg("--output")
+            .arg(&head)
+            .args(["--split", "hash:0.3"]),
+    );
+    assert!(trained.contains("hash 0.3 ("), "{trained}");
+    for bad in [
+        &["--split", "hash:1.5"][..],
+        &["--split", "random"],
+        &["--split", "hash:0.2", "--train", "2025"],
+    ] {
+        let refused = inspect(bad);
+        assert_eq!(refused.status.code(), Some(2), "{bad:?}");
+    }
+    let both = run(&["--label", "dir:1", "--label-pattern", pattern]);
+    assert_eq!(both.status.code(), Some(2), "--label and --label-pattern");
+    let no_label_group = run(&["--label-pattern", "(?P<crop>[^/]+)/"]);
+    assert_eq!(no_label_group.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_label_group.stderr).contains("has no group named `label`"));
 }

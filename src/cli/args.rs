@@ -47,7 +47,8 @@ pub enum LogFormat {
 /// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
-    /// Featurize every image (JPEG, PNG, WebP, TIFF, BMP, GIF) under --input into --output.
+    /// Featurize every image (JPEG, PNG, WebP, TIFF, BMP, GIF; HEIC and AVIF in a build with the
+    /// `heic` feature) under --input into --output.
     Run(Box<RunArgs>),
     /// Make a small labelled image set, featurize it and show the result.
     Demo(DemoArgs),
@@ -143,25 +144,49 @@ impl TrainArgs {
     }
 }
 
-/// Which folders name the training and test halves of a labelled set.
+/// Which keys are the training and which the test half of a labelled set.
 #[derive(Args, Debug)]
 pub struct SplitArgs {
-    /// Keys with a folder of this name are training rows.
-    #[arg(long = "train", default_value = "Training", value_name = "FOLDER")]
-    pub train: String,
-    /// Keys with a folder of this name are test rows.
-    #[arg(long = "test", default_value = "Test", value_name = "FOLDER")]
-    pub test: String,
+    /// Keys with a folder of one of these names are training rows (comma-separated or
+    /// repeated) [default: Training].
+    #[arg(long = "train", value_delimiter = ',', value_name = "FOLDER")]
+    pub train: Vec<String>,
+    /// Keys with a folder of one of these names are test rows (comma-separated or repeated)
+    /// [default: Test].
+    #[arg(long = "test", value_delimiter = ',', value_name = "FOLDER")]
+    pub test: Vec<String>,
+    /// `hash:F` for a collection without split folders: the share F (0 < F < 1) of the keys
+    /// chosen by a hash of the key is the test split, every other key trains; the same keys
+    /// on every run and machine. Instead of --train/--test.
+    #[arg(long, value_name = "hash:F", value_parser = hash_split, conflicts_with_all = ["train", "test"])]
+    pub split: Option<f64>,
 }
 
 impl SplitArgs {
     /// As the library takes them.
     pub fn splits(&self) -> verger::evaluate::Splits {
-        verger::evaluate::Splits {
-            train: self.train.clone(),
-            test: self.test.clone(),
+        match self.split {
+            Some(test_share) => verger::evaluate::Splits::Hash { test_share },
+            None => {
+                let or = |names: &[String], default: &str| match names {
+                    [] => vec![default.to_string()],
+                    names => names.to_vec(),
+                };
+                verger::evaluate::Splits::Folders {
+                    train: or(&self.train, "Training"),
+                    test: or(&self.test, "Test"),
+                }
+            }
         }
     }
+}
+
+/// A `--split hash:F`.
+fn hash_split(text: &str) -> Result<f64, String> {
+    text.strip_prefix("hash:")
+        .and_then(|f| f.parse::<f64>().ok())
+        .filter(|f| *f > 0.0 && *f < 1.0)
+        .ok_or_else(|| format!("{text:?}: expected `hash:F`, F the test share of the keys, 0 < F < 1 (e.g. hash:0.2)"))
 }
 
 /// `verger model ...`.
@@ -244,6 +269,12 @@ pub struct EngineArgs {
     /// no label.
     #[arg(long, default_value = "parent", value_parser = label_rule)]
     pub label: verger::label::LabelRule,
+    /// Instead of --label: a regular expression searched in each key (relative to --input)
+    /// whose named group `label` is the label and whose other named groups become string
+    /// columns of the table, e.g. `^(?P<year>\d{4})/(?P<field>[^/]+)/(?P<label>[^/]+)/`. A key
+    /// it does not match has no label and null columns (counted in the summary).
+    #[arg(long, value_name = "REGEX", value_parser = label_pattern, conflicts_with = "label")]
+    pub label_pattern: Option<verger::label::LabelPattern>,
     /// What to do with a picture's EXIF orientation tag: `apply` turns it upright before
     /// resizing (what a viewer shows; phones store most photos sideways with such a tag),
     /// `ignore` uses the pixels as stored (as Keras' load_img does).
@@ -471,6 +502,22 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+impl EngineArgs {
+    /// The label rule of --label or --label-pattern.
+    pub fn label_rule(&self) -> verger::label::LabelRule {
+        match &self.label_pattern {
+            Some(pattern) => verger::label::LabelRule::Pattern(pattern.clone()),
+            None => self.label.clone(),
+        }
+    }
+}
+
+/// A `--label-pattern`.
+fn label_pattern(text: &str) -> Result<verger::label::LabelPattern, String> {
+    text.parse()
+        .map_err(|e: verger::label::BadLabelPattern| e.to_string())
 }
 
 /// A `--label` rule.

@@ -47,8 +47,8 @@ pub fn inspect(
         writeln!(
             out,
             "nearest-centroid accuracy on {} ({n} images, centroids from {}): {:.1}%",
-            splits.test,
-            splits.train,
+            splits.test_name(),
+            splits.train_name(),
             acc * 100.0
         )?;
     }

@@ -146,7 +146,7 @@ pub fn run_job(
         connect_timeout: service.connect_timeout,
         head,
         orientation: engine.orientation,
-        labels: engine.label,
+        labels: engine.label_rule(),
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));
@@ -158,6 +158,16 @@ pub fn run_job(
     }
     let summary = result?;
     print_summary(out, &summary, config.workers)?;
+    if let verger::label::LabelRule::Pattern(pattern) = &config.labels {
+        let unlabelled = summary.labels.get("").copied().unwrap_or(0);
+        if leader && unlabelled > 0 {
+            let rows: u64 = summary.labels.values().sum();
+            writeln!(
+                out,
+                "verger: {unlabelled} of {rows} rows have no label: --label-pattern {pattern} does not match their key"
+            )?;
+        }
+    }
     if let Some(path) = &engine.report_json {
         let json = serde_json::to_vec_pretty(&summary)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;

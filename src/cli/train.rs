@@ -38,8 +38,9 @@ pub fn train(
         .collect();
     if examples.is_empty() {
         bail!(
-            "{output} has no labelled rows under a folder named {:?} (set --train)",
-            splits.train
+            "{output} has no labelled rows in the training split ({}): set --train, or --split \
+             hash:F for a collection without split folders",
+            splits.train_name()
         );
     }
     let started = Instant::now();
@@ -65,8 +66,8 @@ pub fn train(
     let metrics = if test_rows.is_empty() {
         writeln!(
             out,
-            "no rows under a folder named {:?}: no test scores (set --test)",
-            splits.test
+            "no rows in the test split ({}): no test scores (set --test, or --split hash:F)",
+            splits.test_name()
         )?;
         None
     } else {
@@ -83,7 +84,7 @@ pub fn train(
             &truth,
             &trained.head.probabilities(&features),
         );
-        print_metrics(out, &splits.test, &metrics)?;
+        print_metrics(out, &splits.test_name(), &metrics)?;
         Some(metrics)
     };
     SavedHead::save(

@@ -45,6 +45,10 @@ pub struct Manifest {
     /// SHA-256 of the weights that computed them ("" in manifests written before this field existed).
     #[serde(default)]
     pub weights_sha256: String,
+    /// How rows were derived from objects besides the model: EXIF orientation and label rule
+    /// (`orientation=apply label=parent`; "" in manifests written before this field existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub derivation: String,
     /// Embedding rows in the epoch.
     pub rows: u64,
     /// Error records in the epoch.
@@ -210,6 +214,15 @@ impl Committed {
         })
     }
 
+    /// The first committed epoch whose rows were derived otherwise than `derivation` says
+    /// (another EXIF orientation or label rule); manifests older than the field are taken as
+    /// agreeing.
+    pub fn other_derivation(&self, derivation: &str) -> Option<&Manifest> {
+        self.manifests
+            .iter()
+            .find(|m| !m.derivation.is_empty() && m.derivation != derivation)
+    }
+
     /// The first epoch number a new run may use.
     pub fn next_epoch(&self) -> Epoch {
         self.manifests.last().map_or(0, |m| m.epoch + 1)
@@ -263,6 +276,7 @@ mod tests {
 
     fn manifest(epoch: Epoch, file: &str) -> Manifest {
         Manifest {
+            derivation: String::new(),
             epoch,
             run: "r1".into(),
             model: "efficientnet-lite0".into(),

@@ -67,6 +67,9 @@ pub struct CommitSettings {
     pub model: String,
     /// The SHA-256 of its weights, written into every manifest.
     pub weights_sha256: String,
+    /// How rows are derived from objects besides the model
+    /// ([`crate::decode::DecodeSettings::derivation`]), written into every manifest.
+    pub derivation: String,
     /// Set when the output's lease is lost: from then on nothing is committed.
     pub lease_lost: Arc<AtomicBool>,
     /// Where committed epochs are reported.
@@ -88,6 +91,7 @@ pub fn stage<'s>(
         run,
         model,
         weights_sha256,
+        derivation,
         lease_lost,
         reports,
         run_started_ms,
@@ -108,7 +112,7 @@ pub fn stage<'s>(
                 epoch,
                 files,
                 (&run, run_started_ms),
-                (&model, &weights_sha256),
+                (&model, &weights_sha256, &derivation),
             )),
             Some(WorkerFailed { worker, reason }) => {
                 fatal.set(StageError::Peer {
@@ -148,7 +152,7 @@ fn gather(
     epoch: Epoch,
     published: Vec<Published>,
     (run, run_started_ms): (&str, u64),
-    (model, weights_sha256): (&str, &str),
+    (model, weights_sha256, derivation): (&str, &str, &str),
 ) -> CommittedEpoch {
     let mut files = Vec::with_capacity(published.len());
     let (mut rows, mut failed_reads) = (Vec::new(), Vec::new());
@@ -172,6 +176,7 @@ fn gather(
         run: run.to_string(),
         model: model.to_string(),
         weights_sha256: weights_sha256.to_string(),
+        derivation: derivation.to_string(),
         rows: count(FileKind::Data),
         errors: count(FileKind::Errors),
         files,

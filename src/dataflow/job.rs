@@ -63,7 +63,7 @@ pub struct RunConfig {
     pub head: Option<Arc<SavedHead>>,
     /// Whether pictures are turned upright as their EXIF orientation says.
     pub orientation: crate::decode::Orientation,
-    /// Which folder of a key is its label.
+    /// Which part of a key is its label (and which extra columns it gives).
     pub labels: crate::label::LabelRule,
 }
 
@@ -87,6 +87,16 @@ impl Default for InputLimits {
 }
 
 impl RunConfig {
+    /// What the decode stage makes of fetched bytes, for a network of input `side`.
+    pub fn decoding(&self, side: u32) -> crate::decode::DecodeSettings {
+        crate::decode::DecodeSettings {
+            side,
+            max_pixels: self.limits.max_pixels,
+            orientation: self.orientation,
+            labels: self.labels.clone(),
+        }
+    }
+
     /// `input` to `output` with the command line's defaults: one worker, default epochs,
     /// batches of 4, 16 reads in flight, every key, default store options.
     pub fn new(input: impl Into<String>, output: impl Into<String>) -> Self {
@@ -146,6 +156,22 @@ pub enum RunError {
         epoch: Epoch,
         /// This run's model (and weights).
         model: String,
+    },
+    /// The output's rows were derived with another orientation or label rule.
+    #[error(
+        "the output {output} holds rows made with {committed} (epoch {epoch}); this run asks for \
+         {asked}: its committed rows would keep the old labels and pixels, so give it its own \
+         output (or the same --orientation / --label / --label-pattern)"
+    )]
+    OtherDerivation {
+        /// The output.
+        output: String,
+        /// The derivation of its committed epoch.
+        committed: String,
+        /// Its epoch.
+        epoch: Epoch,
+        /// This run's.
+        asked: String,
     },
     /// The head reads another model's features.
     #[error(transparent)]
@@ -361,6 +387,13 @@ pub(super) struct Job {
     pub started_ms: u64,
 }
 
+impl Job {
+    /// What the decode stage makes of fetched bytes in this run.
+    pub fn decoding(&self) -> crate::decode::DecodeSettings {
+        self.config.decoding(self.embedder.spec().input_size)
+    }
+}
+
 /// What worker 0 (the source) reports at the end of the run.
 #[derive(Debug, Default)]
 pub(super) struct WorkerReport {
@@ -403,6 +436,15 @@ fn resume_and_run(
             committed: described(&other.model, &other.weights_sha256),
             epoch: other.epoch,
             model: described(model, weights),
+        });
+    }
+    let derivation = config.decoding(embedder.spec().input_size).derivation();
+    if let Some(other) = committed.other_derivation(&derivation) {
+        return Err(RunError::OtherDerivation {
+            output: output.location(),
+            committed: other.derivation.clone(),
+            epoch: other.epoch,
+            asked: derivation,
         });
     }
     let removed_leftovers = match lease.is_some() {

@@ -75,14 +75,15 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         worker: worker.index(),
         run: job.run_id.clone(),
         model: job.embedder.spec().name.clone(),
+        columns: config.labels.columns().to_vec(),
     });
+    let decoding = job.decoding();
     let (reports, feed) = commit::channel();
     let mut keys: KeyInput = InputHandle::new();
     let probe: ProbeHandle<Epoch> = ProbeHandle::new();
 
     worker.dataflow::<Epoch, _, _>(|scope| {
         let limits = config.limits;
-        let side = job.embedder.spec().input_size;
         // Fetched-but-undecoded objects per worker: the reads in flight plus as many again.
         let gate = Gate::new(2 * config.fetch_concurrency);
 
@@ -95,18 +96,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             config.fetch_concurrency,
             gate.clone(),
         );
-        let labelled = decode::stage(
-            fetched,
-            ctx,
-            decode::DecodeSettings {
-                side,
-                max_pixels: limits.max_pixels,
-                orientation: config.orientation,
-                labels: config.labels,
-            },
-            config.batch_size,
-            gate,
-        );
+        let labelled = decode::stage(fetched, ctx, decoding.clone(), config.batch_size, gate);
         let outcomes = embed::stage(
             labelled,
             ctx,
@@ -119,6 +109,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             run: job.run_id.clone(),
             model: naming.model.clone(),
             weights_sha256: job.embedder.weights_sha256().to_string(),
+            derivation: decoding.derivation(),
             lease_lost: job.lease_lost.clone(),
             reports,
             run_started_ms: job.started_ms,

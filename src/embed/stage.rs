@@ -61,6 +61,7 @@ pub fn embed_batch(
                         key: l.key,
                         etag: l.etag,
                         label: l.label,
+                        columns: l.columns,
                         width: l.pixels.width,
                         height: l.pixels.height,
                         embedding,

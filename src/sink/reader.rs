@@ -106,6 +106,7 @@ mod tests {
 
     fn row(key: &str, etag: &str) -> Embedded {
         Embedded {
+            columns: Vec::new(),
             key: key.into(),
             etag: etag.into(),
             label: None,

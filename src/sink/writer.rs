@@ -46,6 +46,8 @@ pub struct Naming {
     pub run: String,
     /// Model name, written to every row.
     pub model: String,
+    /// The extra string columns of every row (a label pattern's named groups).
+    pub columns: Vec<String>,
 }
 
 impl Naming {
@@ -155,6 +157,7 @@ impl EpochWriter {
     /// Appends one outcome to the right table.
     pub fn push(&mut self, outcome: Outcome) -> Result<(), SinkError> {
         let (model, epoch) = (self.naming.model.clone(), self.epoch);
+        let naming = self.naming.clone();
         match outcome {
             Outcome::Row(row) => {
                 if self.data.is_none() {
@@ -162,7 +165,7 @@ impl EpochWriter {
                         &self.naming,
                         FileKind::Data,
                         self.epoch,
-                        table::embeddings_schema(),
+                        table::embeddings_schema(&self.naming.columns),
                     )?);
                 }
                 let w = self.data.as_mut().expect("just created");
@@ -171,7 +174,9 @@ impl EpochWriter {
                     etag: row.etag.clone(),
                     label: row.label.clone(),
                 });
-                w.push(row, |rows| table::embeddings_batch(rows, &model, epoch))
+                w.push(row, |rows| {
+                    table::embeddings_batch(rows, &model, epoch, &naming.columns)
+                })
             }
             Outcome::Failed(failure) => {
                 if self.errors.is_none() {
@@ -209,7 +214,7 @@ impl EpochWriter {
         let mut files = Vec::new();
         if let Some(w) = self.data {
             files.push(w.finish(FileKind::Data, |rows| {
-                table::embeddings_batch(rows, &model, epoch)
+                table::embeddings_batch(rows, &model, epoch, &self.naming.columns)
             })?);
         }
         if let Some(w) = self.errors {
