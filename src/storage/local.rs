@@ -1,14 +1,19 @@
 //! A local directory as an object store: the embedded default.
 //!
-//! Listing walks the tree in [`key_order`] (component by component) and resumes after a token without re-reading what was
-//! already listed, so a folder of millions of files streams page by page. Writes go to a
-//! hidden temporary name in the same directory and are renamed into place (atomic on POSIX).
+//! Listing walks the tree in [`key_order`] (component by component) and resumes after a token
+//! without re-reading what was already listed: the sorted names of the folders a page stopped
+//! in are kept for the page that continues from its token, which starts from a binary search
+//! of the token in them, and only the entries a page keeps are `stat`ed. A folder of millions
+//! of files thus streams page by page at a cost linear in its size. Writes go to a hidden
+//! temporary name in the same directory and are renamed into place (atomic on POSIX).
 
 use super::{key_order, ListPage, Listing, ObjectMeta, ObjectStore, StorageError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Name of the staging folder inside an output directory (ignored by listings).
 pub const STAGING: &str = "_staging";
@@ -17,6 +22,27 @@ pub const STAGING: &str = "_staging";
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// The folders the last page stopped in, for the page that continues from its token.
+    resume: Arc<Mutex<Option<ResumePoint>>>,
+}
+
+/// Where a listing page stopped: its token, and the sorted entries of every folder on the
+/// way down to it (by folder key), still to be walked.
+#[derive(Debug)]
+struct ResumePoint {
+    token: String,
+    folders: Folders,
+}
+
+/// Sorted entries of folders, by folder key (`""` for the root, else ending in `/`).
+type Folders = HashMap<String, Arc<Vec<Named>>>;
+
+/// A folder entry by name, as `read_dir` gives it (no `stat` yet).
+#[derive(Debug)]
+struct Named {
+    name: String,
+    /// The entry's type, `Err` with the reason when it is not listable.
+    kind: Result<std::fs::FileType, String>,
 }
 
 fn io(key: &str) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
@@ -83,6 +109,7 @@ impl LocalStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            resume: Arc::default(),
         })
     }
 
@@ -103,14 +130,27 @@ impl LocalStore {
         let mut more = false;
         let root = std::fs::metadata(&self.root).map_err(io(&self.location()))?;
         let mut ancestors = vec![dir_id(&root)];
+        // The folders the previous page stopped in, if this page continues it.
+        let mut folders = {
+            let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+            match resume.take() {
+                Some(point) if after == Some(point.token.as_str()) => point.folders,
+                _ => Folders::new(),
+            }
+        };
         walk(
             &self.root,
             "",
-            prefix,
-            after,
-            limit,
-            &mut objects,
-            &mut more,
+            Bounds {
+                prefix,
+                after,
+                limit,
+            },
+            &mut Page {
+                out: &mut objects,
+                more: &mut more,
+                folders: &mut folders,
+            },
             &mut ancestors,
         )?;
         let next = if more {
@@ -118,6 +158,12 @@ impl LocalStore {
         } else {
             None
         };
+        if let Some(token) = &next {
+            *self.resume.lock().unwrap_or_else(|e| e.into_inner()) = Some(ResumePoint {
+                token: token.clone(),
+                folders,
+            });
+        }
         Ok(ListPage { objects, next })
     }
 }
@@ -130,52 +176,35 @@ fn dir_id(meta: &std::fs::Metadata) -> DirId {
     (meta.dev(), meta.ino())
 }
 
-/// What a folder entry is, as the walk sees it.
-enum Entry {
-    /// A file or folder (a symbolic link resolved to its target).
-    Found(std::fs::Metadata),
-    /// Found but not an object: why (its metadata cannot be read, its name is not UTF-8).
-    Unlistable(String),
+/// What a page lists: keys under `prefix`, after `after`, `limit` of them at most.
+#[derive(Clone, Copy)]
+struct Bounds<'a> {
+    prefix: &'a str,
+    after: Option<&'a str>,
+    limit: usize,
 }
 
-/// Depth-first walk in [`key_order`], skipping whole directories that lie before `after`.
-/// Symbolic links are followed, to files and to directories alike, under the link's own
-/// key; a link to one of its own ancestor directories (a loop) and a dangling link are
-/// reported and left out. Hidden names ([`is_hidden`](super::is_hidden)) are left out, each
-/// named in a log line. A folder that cannot be read, an entry whose metadata cannot be
-/// read and a name that is not UTF-8 are listed as unlistable objects (error records), so
-/// one locked folder does not stop the listing of the rest.
-#[allow(clippy::too_many_arguments)]
-fn walk(
-    root: &Path,
+/// The page being filled, and the folders read for it.
+struct Page<'a> {
+    out: &'a mut Vec<ObjectMeta>,
+    more: &'a mut bool,
+    folders: &'a mut Folders,
+}
+
+/// The entries of folder `dir` (key, `""` for the root), sorted by name, without hidden
+/// names and verger's staging folder: from `folders` when a page kept them, else read.
+fn entries(
+    abs: &Path,
     dir: &str,
     prefix: &str,
-    after: Option<&str>,
-    limit: usize,
-    out: &mut Vec<ObjectMeta>,
-    more: &mut bool,
-    ancestors: &mut Vec<DirId>,
-) -> Result<(), StorageError> {
-    let abs = root.join(dir);
-    let listing = match std::fs::read_dir(&abs) {
-        Ok(listing) => listing,
-        // A folder under the root that cannot be read is one error record, not the end of
-        // the listing; it is listed where its first key would be, once.
-        Err(e) if !dir.is_empty() => {
-            if dir.starts_with(prefix)
-                && after
-                    .is_none_or(|a| !a.starts_with(dir) && key_order(dir, a) == Ordering::Greater)
-            {
-                let reason = format!("the folder cannot be read: {e}");
-                push(out, more, limit, unlistable(dir.to_string(), reason));
-            }
-            return Ok(());
-        }
-        Err(e) => return Err(io(dir)(e)),
-    };
-    let mut entries: Vec<(String, Entry)> = Vec::new();
-    for entry in listing {
-        let entry = entry.map_err(io(dir))?;
+    folders: &Folders,
+) -> std::io::Result<Arc<Vec<Named>>> {
+    if let Some(kept) = folders.get(dir) {
+        return Ok(kept.clone());
+    }
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(abs)? {
+        let entry = entry?;
         let name = match entry.file_name().into_string() {
             Ok(name) => name,
             Err(raw) => {
@@ -184,7 +213,10 @@ fn walk(
                     "the name is not valid UTF-8 (shown with U+FFFD for the bad bytes: {:?})",
                     raw
                 );
-                entries.push((name, Entry::Unlistable(reason)));
+                entries.push(Named {
+                    name,
+                    kind: Err(reason),
+                });
                 continue;
             }
         };
@@ -199,48 +231,120 @@ fn walk(
             }
             continue;
         }
-        let key = format!("{dir}{name}");
-        let meta = match entry.metadata() {
-            Ok(meta) if meta.file_type().is_symlink() => match std::fs::metadata(entry.path()) {
-                Ok(target) => Entry::Found(target),
-                Err(e) => {
-                    tracing::warn!(key, "skipping a dangling symbolic link: {e}");
-                    continue;
-                }
-            },
-            Ok(meta) => Entry::Found(meta),
-            Err(e) => Entry::Unlistable(format!("cannot be read: {e}")),
-        };
-        entries.push((name, meta));
+        let kind = entry
+            .file_type()
+            .map_err(|e| format!("cannot be read: {e}"));
+        entries.push(Named { name, kind });
     }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, entry) in entries {
-        let key = format!("{dir}{name}");
-        let meta = match entry {
-            Entry::Found(meta) => meta,
-            Entry::Unlistable(reason) => {
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Arc::new(entries))
+}
+
+/// Depth-first walk in [`key_order`], skipping whole directories that lie before `after`
+/// (by a binary search of the sorted names, without `stat`ing what is skipped).
+/// Symbolic links are followed, to files and to directories alike, under the link's own
+/// key; a link to one of its own ancestor directories (a loop) and a dangling link are
+/// reported and left out. Hidden names ([`is_hidden`](super::is_hidden)) are left out, each
+/// named in a log line. A folder that cannot be read, an entry whose metadata cannot be
+/// read and a name that is not UTF-8 are listed as unlistable objects (error records), so
+/// one locked folder does not stop the listing of the rest. When the page fills up, the
+/// folders on the way down to its last key stay in `page.folders` for the next page.
+fn walk(
+    root: &Path,
+    dir: &str,
+    bounds: Bounds<'_>,
+    page: &mut Page<'_>,
+    ancestors: &mut Vec<DirId>,
+) -> Result<(), StorageError> {
+    let Bounds {
+        prefix,
+        after,
+        limit,
+    } = bounds;
+    let abs = root.join(dir);
+    let listing = match entries(&abs, dir, prefix, page.folders) {
+        Ok(listing) => listing,
+        // A folder under the root that cannot be read is one error record, not the end of
+        // the listing; it is listed where its first key would be, once.
+        Err(e) if !dir.is_empty() => {
+            if dir.starts_with(prefix)
+                && after
+                    .is_none_or(|a| !a.starts_with(dir) && key_order(dir, a) == Ordering::Greater)
+            {
+                let reason = format!("the folder cannot be read: {e}");
+                push(page, limit, unlistable(dir.to_string(), reason));
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(io(dir)(e)),
+    };
+    // Entries named before the token's name at this depth hold only keys already listed.
+    let start = match after.and_then(|a| a.strip_prefix(dir)) {
+        Some(rest) => {
+            let name = rest.split('/').next().unwrap_or_default();
+            listing.partition_point(|e| e.name.as_str() < name)
+        }
+        None => 0,
+    };
+    for named in &listing[start..] {
+        let key = format!("{dir}{}", named.name);
+        let kind = match &named.kind {
+            Ok(kind) => *kind,
+            Err(reason) => {
                 if key.starts_with(prefix)
                     && after.is_none_or(|a| key_order(&key, a) == Ordering::Greater)
                 {
-                    push(out, more, limit, unlistable(key, reason));
+                    push(page, limit, unlistable(key, reason.clone()));
                 }
-                if *more {
+                if *page.more {
+                    page.folders.insert(dir.to_string(), listing);
                     return Ok(());
                 }
                 continue;
             }
         };
-        let kind = meta.file_type();
-        if kind.is_dir() {
-            let sub = format!("{key}/");
-            // Prune: a directory whose keys cannot match the prefix or all lie before `after`.
-            if !(sub.starts_with(prefix) || prefix.starts_with(&sub)) {
+        // A folder's keys all begin with `key/`; a file's key is `key`.
+        let sub = format!("{key}/");
+        let may_hold_keys = sub.starts_with(prefix) || prefix.starts_with(&sub);
+        let folder_before =
+            |a: &str| !a.starts_with(&sub) && key_order(a, &key) == Ordering::Greater;
+        let skip = if kind.is_dir() {
+            !may_hold_keys || after.is_some_and(folder_before)
+        } else if kind.is_file() {
+            !key.starts_with(prefix)
+                || after.is_some_and(|a| key_order(&key, a) != Ordering::Greater)
+        } else {
+            false // a symbolic link: what it is shows after `stat`
+        };
+        if skip {
+            continue;
+        }
+        // Only now is the entry `stat`ed: a symbolic link resolved to its target.
+        let meta = match std::fs::metadata(abs.join(&named.name)) {
+            Ok(meta) => meta,
+            Err(e) if kind.is_symlink() => {
+                tracing::warn!(key, "skipping a dangling symbolic link: {e}");
                 continue;
             }
-            if let Some(a) = after {
-                if !a.starts_with(&sub) && key_order(a, &key) == Ordering::Greater {
-                    continue;
+            // Deleted since its folder was read (by an earlier page): nothing to list.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                if key.starts_with(prefix)
+                    && after.is_none_or(|a| key_order(&key, a) == Ordering::Greater)
+                {
+                    push(page, limit, unlistable(key, format!("cannot be read: {e}")));
                 }
+                if *page.more {
+                    page.folders.insert(dir.to_string(), listing);
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if meta.is_dir() {
+            // Prune: a directory whose keys cannot match the prefix or all lie before `after`.
+            if !may_hold_keys || after.is_some_and(folder_before) {
+                continue;
             }
             let id = dir_id(&meta);
             if ancestors.contains(&id) {
@@ -251,35 +355,37 @@ fn walk(
                 continue;
             }
             ancestors.push(id);
-            let walked = walk(root, &sub, prefix, after, limit, out, more, ancestors);
+            let walked = walk(root, &sub, bounds, page, ancestors);
             ancestors.pop();
             walked?;
-        } else if kind.is_file() && key.starts_with(prefix) {
+        } else if meta.is_file() && key.starts_with(prefix) {
             if after.is_some_and(|a| key_order(&key, a) != Ordering::Greater) {
                 continue;
             }
             push(
-                out,
-                more,
+                page,
                 limit,
                 ObjectMeta::new(key, meta.len(), local_etag(&meta)),
             );
         } else if key.starts_with(prefix) {
             tracing::warn!(key, "skipping what is neither a file nor a folder");
         }
-        if *more {
+        if *page.more {
+            page.folders.insert(dir.to_string(), listing);
             return Ok(());
         }
     }
+    // Walked to the end: no later page comes back to this folder.
+    page.folders.remove(dir);
     Ok(())
 }
 
 /// Adds `object` to the page, or notes that the page is full.
-fn push(out: &mut Vec<ObjectMeta>, more: &mut bool, limit: usize, object: ObjectMeta) {
-    if out.len() == limit {
-        *more = true;
+fn push(page: &mut Page<'_>, limit: usize, object: ObjectMeta) {
+    if page.out.len() == limit {
+        *page.more = true;
     } else {
-        out.push(object);
+        page.out.push(object);
     }
 }
 
@@ -509,6 +615,64 @@ mod tests {
         let p = root.join(key);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, key.as_bytes()).unwrap();
+    }
+
+    /// A page that fills up in a folder keeps the sorted names of the folders on the way down
+    /// to its last key, and the page continuing from its token starts from them instead of
+    /// reading the folders again (what makes listing a flat folder linear); a file deleted
+    /// between pages is then simply not listed (no error record), and a listing that starts
+    /// over reads the folders afresh.
+    #[tokio::test]
+    async fn a_page_continues_from_the_folders_the_last_one_stopped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys: Vec<String> = (0..100).map(|i| format!("flat/f{i:04}.jpg")).collect();
+        keys.extend(["a/x.jpg".to_string(), "z/y.jpg".to_string()]);
+        for k in &keys {
+            touch(dir.path(), k);
+        }
+        let store = LocalStore::open(dir.path(), false).unwrap();
+        let first = store.list_page("", None, 10).await.unwrap();
+        let token = first.next.clone().unwrap();
+        assert_eq!(token, "flat/f0008.jpg");
+        {
+            let resume = store.resume.lock().unwrap();
+            let point = resume.as_ref().unwrap();
+            assert_eq!(point.token, token);
+            let mut kept: Vec<&str> = point.folders.keys().map(String::as_str).collect();
+            kept.sort();
+            assert_eq!(kept, ["", "flat/"], "the folders on the way to the token");
+            assert_eq!(point.folders["flat/"].len(), 100);
+        }
+        std::fs::remove_file(dir.path().join("flat/f0050.jpg")).unwrap();
+        let mut seen: Vec<String> = first.objects.into_iter().map(|o| o.key).collect();
+        let mut token = Some(token);
+        while let Some(after) = token {
+            let page = store.list_page("", Some(after), 10).await.unwrap();
+            assert!(
+                page.objects.iter().all(|o| o.unlistable.is_none()),
+                "{page:?}"
+            );
+            seen.extend(page.objects.into_iter().map(|o| o.key));
+            token = page.next;
+        }
+        keys.retain(|k| k != "flat/f0050.jpg");
+        keys.sort_by(|a, b| key_order(a, b));
+        assert_eq!(seen, keys);
+        assert!(
+            store.resume.lock().unwrap().is_none(),
+            "the last page keeps nothing"
+        );
+        // A new listing reads the folder again: the deleted file stays away, a new one shows.
+        touch(dir.path(), "flat/f0050b.jpg");
+        let mut again = Vec::new();
+        list_all(&store, "flat/", 7, |page| {
+            again.extend(page.into_iter().map(|o| o.key));
+            true
+        })
+        .await
+        .unwrap();
+        assert_eq!(again.len(), 100);
+        assert!(again.contains(&"flat/f0050b.jpg".to_string()));
     }
 
     #[tokio::test]
