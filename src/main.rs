@@ -122,12 +122,13 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
             metrics,
             max_points,
             store,
+            splits,
         } => cli::report::report(
             out,
             (&output, &html),
             &store,
             metrics.as_deref(),
-            max_points,
+            (max_points, &splits.splits()),
         )
         .map(|()| Ending::Done),
     }

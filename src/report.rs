@@ -22,6 +22,8 @@ pub struct ReportOptions {
     pub title: String,
     /// Rows drawn on the PCA map at most (a sample fixed by the keys' hash).
     pub max_points: usize,
+    /// Which rows are the training and which the test split (rows per label and split).
+    pub splits: crate::evaluate::Splits,
 }
 
 /// The embeddings projected on their two principal components.
@@ -91,6 +93,10 @@ pub struct ReportData {
     pub title: String,
     /// Current rows per label (`(none)` for rows without one).
     pub labels: Vec<(String, usize)>,
+    /// The names of the training and test splits.
+    pub split_names: [String; 2],
+    /// Per label (in the order of `labels`), its rows in the training and the test split.
+    pub label_splits: Vec<[usize; 2]>,
     /// The PCA map (`None` with fewer than three rows).
     pub map: Option<PcaMap>,
     /// The head's metrics, when given.
@@ -108,8 +114,21 @@ impl ReportData {
     pub fn gather(table: &Table, metrics: Option<Metrics>, options: &ReportOptions) -> Self {
         let manifests = &table.manifests;
         let latest = table.latest_rows();
-        let labels = crate::evaluate::label_counts(latest.iter().copied())
+        let labels: Vec<(String, usize)> = crate::evaluate::label_counts(latest.iter().copied())
             .into_iter()
+            .collect();
+        let mut splits: BTreeMap<&str, [usize; 2]> = BTreeMap::new();
+        for row in &latest {
+            let label = row.label.as_deref().unwrap_or("(none)");
+            match options.splits.of(&row.key) {
+                Some(crate::evaluate::Split::Train) => splits.entry(label).or_default()[0] += 1,
+                Some(crate::evaluate::Split::Test) => splits.entry(label).or_default()[1] += 1,
+                None => {}
+            }
+        }
+        let label_splits = labels
+            .iter()
+            .map(|(label, _)| splits.get(label.as_str()).copied().unwrap_or_default())
             .collect();
         let mut models: Vec<String> = manifests.iter().map(|m| m.model.clone()).collect();
         models.sort();
@@ -117,6 +136,8 @@ impl ReportData {
         Self {
             title: options.title.clone(),
             labels,
+            split_names: [options.splits.train_name(), options.splits.test_name()],
+            label_splits,
             map: pca_map(&latest, options.max_points),
             metrics,
             errors: error_groups(&table.current_errors()),
@@ -395,6 +416,7 @@ mod tests {
         let options = ReportOptions {
             title: "out <1>".into(),
             max_points: 10,
+            splits: crate::evaluate::Splits::default(),
         };
         let page = ReportData::gather(&table, None, &options).html();
         assert_eq!(page.matches("</script>").count(), 2, "only the page's own");

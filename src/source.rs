@@ -262,6 +262,11 @@ impl Driver {
             }
             self.close_epoch(worker, stop);
             let Mode::Watch { poll_interval } = mode else {
+                tracing::info!(
+                    released = self.stats.released,
+                    seconds = round.elapsed().as_secs_f64(),
+                    "listing done"
+                );
                 return Ok(());
             };
             tracing::info!(

@@ -343,6 +343,132 @@ fn heic_and_avif_photos_are_embedded_like_the_png_they_were_made_from() {
     assert!(verger::decode::FORMATS.contains("HEIC"));
 }
 
+/// Panics with libheif's message unless `e` is a success.
+#[cfg(feature = "heic")]
+fn heif_ok(e: libheif_sys::heif_error) {
+    if e.code != 0 {
+        // SAFETY: libheif's error messages are static, NUL-terminated strings.
+        let message = unsafe { std::ffi::CStr::from_ptr(e.message) };
+        panic!("libheif: {message:?}");
+    }
+}
+
+/// Writes a 160x90 HEIC stored as is, with an `irot`/`imir` orientation of `orientation`
+/// (libheif's encoder writes the boxes): a green 40x30 block at the top left, the rest of the
+/// left half red, the right half blue. Through libheif's C API, because the safe crate's
+/// encoding options are freed before use in the only version Debian 12's libheif builds.
+#[cfg(feature = "heic")]
+fn heic_with_orientation(path: &Path, orientation: libheif_sys::heif_orientation) {
+    use libheif_sys as lh;
+    let (w, h) = (160i32, 90i32);
+    let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            pixels.extend(match (x, y) {
+                (x, y) if x < 40 && y < 30 => [0u8, 255, 0],
+                (x, _) if x < 80 => [255, 0, 0],
+                _ => [0, 0, 255],
+            });
+        }
+    }
+    let name = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: every pointer passed is either null where the API allows it or one that libheif
+    // allocated just before and that is released once, after its last use; the plane copied
+    // into has `stride` bytes per row for `h` rows, as libheif reported, and each row copy
+    // is `w * 3` bytes, within both the stride and `pixels`.
+    unsafe {
+        let mut image = std::ptr::null_mut();
+        heif_ok(lh::heif_image_create(
+            w,
+            h,
+            lh::heif_colorspace_heif_colorspace_RGB,
+            lh::heif_chroma_heif_chroma_interleaved_RGB,
+            &mut image,
+        ));
+        heif_ok(lh::heif_image_add_plane(
+            image,
+            lh::heif_channel_heif_channel_interleaved,
+            w,
+            h,
+            8,
+        ));
+        let mut stride = 0;
+        let plane = lh::heif_image_get_plane(
+            image,
+            lh::heif_channel_heif_channel_interleaved,
+            &mut stride,
+        );
+        for (y, row) in pixels.chunks((w * 3) as usize).enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), plane.add(y * stride as usize), row.len());
+        }
+        let context = lh::heif_context_alloc();
+        let mut encoder = std::ptr::null_mut();
+        heif_ok(lh::heif_context_get_encoder_for_format(
+            context,
+            lh::heif_compression_format_heif_compression_HEVC,
+            &mut encoder,
+        ));
+        heif_ok(lh::heif_encoder_set_lossy_quality(encoder, 95));
+        let options = lh::heif_encoding_options_alloc();
+        (*options).image_orientation = orientation;
+        heif_ok(lh::heif_context_encode_image(
+            context,
+            image,
+            encoder,
+            options,
+            std::ptr::null_mut(),
+        ));
+        heif_ok(lh::heif_context_write_to_file(context, name.as_ptr()));
+        lh::heif_encoding_options_free(options);
+        lh::heif_encoder_release(encoder);
+        lh::heif_image_release(image);
+        lh::heif_context_free(context);
+    }
+}
+
+/// A HEIC turned by its `irot` box (HEIF's orientation, which libheif applies) comes out
+/// upright: stored 160x90 with "rotate 90 clockwise", its row is 90x160 and the green block of
+/// the stored top left is at the top right; the same pixels stored plainly stay 160x90.
+#[cfg(feature = "heic")]
+#[test]
+fn a_heic_turned_by_its_irot_box_is_upright() {
+    use verger::decode::decode_and_resize;
+    let dir = tempfile::tempdir().unwrap();
+    let colour = |rgb: &[u8], (x, y): (usize, usize)| {
+        let p = &rgb[(y * 224 + x) * 3..][..3];
+        match (p[0] > 160, p[1] > 160, p[2] > 160) {
+            (false, true, false) => "green",
+            (true, false, false) => "red",
+            (false, false, true) => "blue",
+            _ => "other",
+        }
+    };
+    let plain = dir.path().join("plain.heic");
+    heic_with_orientation(
+        &plain,
+        libheif_sys::heif_orientation_heif_orientation_normal,
+    );
+    let plain = decode_and_resize(&std::fs::read(&plain).unwrap(), 224).unwrap();
+    assert_eq!((plain.width, plain.height), (160, 90));
+    assert_eq!(colour(&plain.rgb, (10, 10)), "green");
+    assert_eq!(colour(&plain.rgb, (200, 100)), "blue");
+
+    let turned = dir.path().join("turned.heic");
+    heic_with_orientation(
+        &turned,
+        libheif_sys::heif_orientation_heif_orientation_rotate_90_cw,
+    );
+    let turned = decode_and_resize(&std::fs::read(&turned).unwrap(), 224).unwrap();
+    assert_eq!((turned.width, turned.height), (90, 160));
+    assert_eq!(
+        colour(&turned.rgb, (200, 20)),
+        "green",
+        "the stored top left, turned"
+    );
+    assert_eq!(colour(&turned.rgb, (20, 20)), "red");
+    assert_eq!(colour(&turned.rgb, (20, 200)), "blue");
+}
+
 /// A 12 MP phone-size JPEG (a sample photo upscaled to 4032x3024 with noise, quality 90) is
 /// decoded at a DCT scale (1/8 here): through the network it gives the full-size decode's
 /// embedding (cosine >= 0.99), and the row keeps the photo's full size. A 100x100 photo is

@@ -219,6 +219,18 @@ fn the_report_renders_in_a_headless_browser() {
             .args(["--max-points", "500"]),
     );
     assert!(stdout.contains("500 points"), "{stdout}");
+    // The split options of inspect and train: a hash split names itself on the page.
+    let hashed = dir.path().join("hashed.html");
+    succeeds(
+        verger()
+            .arg("report")
+            .arg(sample_output())
+            .arg("--html")
+            .arg(&hashed)
+            .args(["--split", "hash:0.25"]),
+    );
+    let hashed = std::fs::read_to_string(&hashed).unwrap();
+    assert!(hashed.contains(r#""split_names":["hash 0.75","hash 0.25"]"#));
     let page = std::fs::read_to_string(&html).unwrap();
     for external in ["http://", "https://", "src=", "<link"] {
         let outside = page.replace("http://www.w3.org/2000/svg", "");
@@ -254,6 +266,12 @@ fn the_report_renders_in_a_headless_browser() {
     );
     let tested = format!("Test rows {}: accuracy 100.0%", test_images());
     assert!(dom.contains(&tested), "the head's metrics are shown");
+    for class in ["apple", "lemon", "mango", "raspberry"] {
+        let count = |split: &str| files_under(&sample_dir().join(split).join(class)).len();
+        let (train, test) = (count("Training"), count("Test"));
+        let bar = format!("{} (Training {train}, Test {test})", train + test);
+        assert!(dom.contains(&bar), "{class}: {bar} on its bar");
+    }
 
     let shot = dir.path().join("shot.png");
     let status = chromium()

@@ -85,6 +85,8 @@ pub enum Command {
         max_points: usize,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        splits: SplitArgs,
     },
 }
 

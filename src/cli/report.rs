@@ -8,6 +8,7 @@ use verger::head::Metrics;
 use verger::report::{ReportData, ReportOptions};
 
 use super::args::StoreArgs;
+use verger::evaluate::Splits;
 
 /// Writes the report of `output` to `html`, with a head's `metrics` (a `metrics.json`, or the
 /// head's folder that `verger train` wrote it into).
@@ -16,7 +17,7 @@ pub fn report(
     (output, html): (&str, &Path),
     store: &StoreArgs,
     metrics: Option<&Path>,
-    max_points: usize,
+    (max_points, splits): (usize, &Splits),
 ) -> Result<()> {
     let metrics: Option<Metrics> = match metrics {
         None => None,
@@ -35,6 +36,7 @@ pub fn report(
     let options = ReportOptions {
         title: output.to_string(),
         max_points,
+        splits: splits.clone(),
     };
     let data = ReportData::gather(&table, metrics, &options);
     std::fs::write(html, data.html()).with_context(|| format!("writing {}", html.display()))?;

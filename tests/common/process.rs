@@ -22,7 +22,7 @@ pub struct Verger {
 
 impl Verger {
     /// Starts `verger ARGS` with the test weights; stdout is kept for [`Verger::wait`].
-    pub fn start(args: &[&str]) -> Verger {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Verger {
         let mut child = Command::new(env!("CARGO_BIN_EXE_verger"))
             .env("VERGER_WEIGHTS", super::weights())
             .env("VERGER_LOG", "info")
