@@ -194,8 +194,42 @@ pub struct Driver {
     rate: VecDeque<(Instant, u64)>,
     /// Whether failed reads are listed again at the next poll (watch mode).
     retry_failed_reads: bool,
-    /// Reads retried so far, per version.
-    retries: std::collections::HashMap<(String, String), u32>,
+    /// Reads retried so far, of the failing version of each key.
+    retries: ReadRetries,
+}
+
+/// How many times the read of each key's failing version was retried (watch mode). Small
+/// whatever the input: a key is here only while its current version fails to be read; a row
+/// of the key committing, or another version failing, replaces or drops its entry.
+#[derive(Debug, Default)]
+struct ReadRetries(std::collections::HashMap<String, (String, u32)>);
+
+impl ReadRetries {
+    /// A read of `etag` at `key` failed: whether it gets another try (at most
+    /// [`FETCH_RETRIES`] per version), and the try's number.
+    fn failed(&mut self, key: &str, etag: &str) -> Option<u32> {
+        let entry = self
+            .0
+            .entry(key.to_string())
+            .or_insert_with(|| (etag.to_string(), 0));
+        if entry.0 != etag {
+            *entry = (etag.to_string(), 0);
+        }
+        (entry.1 < FETCH_RETRIES).then(|| {
+            entry.1 += 1;
+            entry.1
+        })
+    }
+
+    /// A row of `key` committed: its reads succeed again.
+    fn committed(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+
+    /// Whether no key has a failing read.
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Driver {
@@ -400,6 +434,11 @@ impl Driver {
             self.committed.rows += m.rows;
             self.committed.errors += m.errors;
             self.committed.epochs += 1;
+            if !self.retries.is_empty() {
+                for row in &report.rows {
+                    self.retries.committed(&row.key);
+                }
+            }
             self.novelty.add_rows(m.epoch, report.rows);
             if self.retry_failed_reads {
                 self.forget_failed_reads(m.epoch, report.failed_reads);
@@ -448,22 +487,20 @@ impl Driver {
     fn forget_failed_reads(&mut self, epoch: Epoch, failed: Vec<RowId>) {
         let mut again = Vec::new();
         for row in failed {
-            let version = (row.key, row.etag);
-            let tries = self.retries.entry(version.clone()).or_insert(0);
-            if *tries < FETCH_RETRIES {
-                *tries += 1;
-                tracing::info!(
-                    key = version.0,
-                    attempt = *tries,
-                    "read failed: listed again at the next poll"
-                );
-                again.push(version);
-            } else {
-                tracing::warn!(
-                    key = version.0,
+            match self.retries.failed(&row.key, &row.etag) {
+                Some(attempt) => {
+                    tracing::info!(
+                        key = row.key,
+                        attempt,
+                        "read failed: listed again at the next poll"
+                    );
+                    again.push((row.key, row.etag));
+                }
+                None => tracing::warn!(
+                    key = row.key,
                     "read failed {} more times: not retried before a restart",
                     FETCH_RETRIES
-                );
+                ),
             }
         }
         self.novelty
@@ -502,6 +539,34 @@ mod tests {
 
     /// The route is XXH3-64 as published (values computed with the reference implementation
     /// through Python's `xxhash` package), so any two builds send a key to the same worker.
+    #[test]
+    fn read_retries_are_counted_per_version_and_forgotten_once_the_key_commits() {
+        let mut retries = super::ReadRetries::default();
+        for attempt in 1..=super::FETCH_RETRIES {
+            assert_eq!(retries.failed("a.jpg", "v1"), Some(attempt));
+        }
+        assert_eq!(retries.failed("a.jpg", "v1"), None, "no more tries for v1");
+        assert_eq!(
+            retries.failed("a.jpg", "v2"),
+            Some(1),
+            "a new version starts over"
+        );
+        assert_eq!(retries.failed("b.jpg", "v1"), Some(1));
+        assert_eq!(
+            retries.0.len(),
+            2,
+            "one entry per failing key, not per version"
+        );
+        retries.committed("a.jpg");
+        retries.committed("never-failed.jpg");
+        assert_eq!(retries.0.len(), 1);
+        assert_eq!(
+            retries.failed("a.jpg", "v2"),
+            Some(1),
+            "a committed key starts over"
+        );
+    }
+
     #[test]
     fn route_is_the_published_xxh3_of_the_key() {
         assert_eq!(route(""), 0x2d06_8005_38d3_94c2);
