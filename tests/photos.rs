@@ -699,9 +699,16 @@ fn a_label_pattern_gives_labels_and_columns_and_splits_work_without_split_folder
             .unwrap()
     };
     let folders = inspect(&[]);
+    let described = String::from_utf8_lossy(&folders.stdout);
     assert!(
-        !String::from_utf8_lossy(&folders.stdout).contains("nearest-centroid"),
+        !described.contains("nearest-centroid"),
         "no Training/Test folders: no default split"
+    );
+    assert!(
+        described.contains(&format!(
+            "rows made by efficientnet-lite0, orientation=apply label=pattern:{pattern}"
+        )) && described.contains("columns from the key: year, field"),
+        "{described}"
     );
     let hashed = succeeds(
         verger()

@@ -28,6 +28,22 @@ pub fn inspect(
         errors.len(),
         table.errors.len() - errors.len()
     )?;
+    // How the rows were made: model and derivation of the last epoch (an output refuses a run
+    // with others), and the extra columns of a label pattern.
+    if let Some(last) = table.manifests.last() {
+        let derivation = match last.derivation.as_str() {
+            "" => String::new(),
+            d => format!(", {d}"),
+        };
+        writeln!(out, "rows made by {}{derivation}", last.model)?;
+    }
+    let columns: Vec<&str> = latest
+        .first()
+        .map(|r| r.columns.iter().map(|(name, _)| name.as_str()).collect())
+        .unwrap_or_default();
+    if !columns.is_empty() {
+        writeln!(out, "columns from the key: {}", columns.join(", "))?;
+    }
     for (label, n) in verger::evaluate::label_counts(&latest) {
         writeln!(out, "  {n:>7}  {label}")?;
     }
