@@ -450,12 +450,11 @@ fn decode_heif(
 /// Without the `heic` feature a HEIF file is an error record that says why.
 #[cfg(not(feature = "heic"))]
 fn decode_heif(
-    bytes: &[u8],
+    _bytes: &[u8],
     brand: &str,
     _side: u32,
     _max_pixels: u64,
 ) -> Result<Pixels, DecodeError> {
-    let _ = bytes;
     Err(DecodeError::HeifNotBuiltIn {
         brand: brand.to_string(),
     })

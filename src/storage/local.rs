@@ -287,89 +287,7 @@ fn walk(
         None => 0,
     };
     for named in &listing[start..] {
-        let key = format!("{dir}{}", named.name);
-        let kind = match &named.kind {
-            Ok(kind) => *kind,
-            Err(reason) => {
-                if key.starts_with(prefix)
-                    && after.is_none_or(|a| key_order(&key, a) == Ordering::Greater)
-                {
-                    push(page, limit, unlistable(key, reason.clone()));
-                }
-                if *page.more {
-                    page.folders.insert(dir.to_string(), listing);
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        // A folder's keys all begin with `key/`; a file's key is `key`.
-        let sub = format!("{key}/");
-        let may_hold_keys = sub.starts_with(prefix) || prefix.starts_with(&sub);
-        let folder_before =
-            |a: &str| !a.starts_with(&sub) && key_order(a, &key) == Ordering::Greater;
-        let skip = if kind.is_dir() {
-            !may_hold_keys || after.is_some_and(folder_before)
-        } else if kind.is_file() {
-            !key.starts_with(prefix)
-                || after.is_some_and(|a| key_order(&key, a) != Ordering::Greater)
-        } else {
-            false // a symbolic link: what it is shows after `stat`
-        };
-        if skip {
-            continue;
-        }
-        // Only now is the entry `stat`ed: a symbolic link resolved to its target.
-        let meta = match std::fs::metadata(abs.join(&named.name)) {
-            Ok(meta) => meta,
-            Err(e) if kind.is_symlink() => {
-                tracing::warn!(key, "skipping a dangling symbolic link: {e}");
-                continue;
-            }
-            // Deleted since its folder was read (by an earlier page): nothing to list.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                if key.starts_with(prefix)
-                    && after.is_none_or(|a| key_order(&key, a) == Ordering::Greater)
-                {
-                    push(page, limit, unlistable(key, format!("cannot be read: {e}")));
-                }
-                if *page.more {
-                    page.folders.insert(dir.to_string(), listing);
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        if meta.is_dir() {
-            // Prune: a directory whose keys cannot match the prefix or all lie before `after`.
-            if !may_hold_keys || after.is_some_and(folder_before) {
-                continue;
-            }
-            let id = dir_id(&meta);
-            if ancestors.contains(&id) {
-                tracing::warn!(
-                    key,
-                    "skipping a symbolic link to one of its own parent folders (a loop)"
-                );
-                continue;
-            }
-            ancestors.push(id);
-            let walked = walk(root, &sub, bounds, page, ancestors);
-            ancestors.pop();
-            walked?;
-        } else if meta.is_file() && key.starts_with(prefix) {
-            if after.is_some_and(|a| key_order(&key, a) != Ordering::Greater) {
-                continue;
-            }
-            push(
-                page,
-                limit,
-                ObjectMeta::new(key, meta.len(), local_etag(&meta)),
-            );
-        } else if key.starts_with(prefix) {
-            tracing::warn!(key, "skipping what is neither a file nor a folder");
-        }
+        visit(root, (dir, &abs), named, bounds, page, ancestors)?;
         if *page.more {
             page.folders.insert(dir.to_string(), listing);
             return Ok(());
@@ -378,6 +296,90 @@ fn walk(
     // Walked to the end: no later page comes back to this folder.
     page.folders.remove(dir);
     Ok(())
+}
+
+/// One entry of folder `dir` (at `abs`) in the walk: listed, walked into, or left out.
+fn visit(
+    root: &Path,
+    (dir, abs): (&str, &Path),
+    named: &Named,
+    bounds: Bounds<'_>,
+    page: &mut Page<'_>,
+    ancestors: &mut Vec<DirId>,
+) -> Result<(), StorageError> {
+    let Bounds { prefix, after, .. } = bounds;
+    let key = format!("{dir}{}", named.name);
+    let kind = match &named.kind {
+        Ok(kind) => *kind,
+        Err(reason) => {
+            push_unlistable(page, bounds, key, reason.clone());
+            return Ok(());
+        }
+    };
+    // A folder's keys all begin with `key/`; a file's key is `key`.
+    let sub = format!("{key}/");
+    let may_hold_keys = sub.starts_with(prefix) || prefix.starts_with(&sub);
+    let folder_before = |a: &str| !a.starts_with(&sub) && key_order(a, &key) == Ordering::Greater;
+    let file_before = |a: &str| key_order(&key, a) != Ordering::Greater;
+    let skip = if kind.is_dir() {
+        !may_hold_keys || after.is_some_and(folder_before)
+    } else if kind.is_file() {
+        !key.starts_with(prefix) || after.is_some_and(file_before)
+    } else {
+        false // a symbolic link: what it is shows after `stat`
+    };
+    if skip {
+        return Ok(());
+    }
+    // Only now is the entry `stat`ed: a symbolic link resolved to its target.
+    let meta = match std::fs::metadata(abs.join(&named.name)) {
+        Ok(meta) => meta,
+        Err(e) if kind.is_symlink() => {
+            tracing::warn!(key, "skipping a dangling symbolic link: {e}");
+            return Ok(());
+        }
+        // Deleted since its folder was read (by an earlier page): nothing to list.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            push_unlistable(page, bounds, key, format!("cannot be read: {e}"));
+            return Ok(());
+        }
+    };
+    if meta.is_dir() {
+        // Prune: a directory whose keys cannot match the prefix or all lie before `after`.
+        if !may_hold_keys || after.is_some_and(folder_before) {
+            return Ok(());
+        }
+        let id = dir_id(&meta);
+        if ancestors.contains(&id) {
+            tracing::warn!(
+                key,
+                "skipping a symbolic link to one of its own parent folders (a loop)"
+            );
+            return Ok(());
+        }
+        ancestors.push(id);
+        let walked = walk(root, &sub, bounds, page, ancestors);
+        ancestors.pop();
+        walked?;
+    } else if meta.is_file() && key.starts_with(prefix) && !after.is_some_and(file_before) {
+        let object = ObjectMeta::new(key, meta.len(), local_etag(&meta));
+        push(page, bounds.limit, object);
+    } else if !meta.is_file() && key.starts_with(prefix) {
+        tracing::warn!(key, "skipping what is neither a file nor a folder");
+    }
+    Ok(())
+}
+
+/// Lists `key` as an unlistable object (an error record) when the page covers it.
+fn push_unlistable(page: &mut Page<'_>, bounds: Bounds<'_>, key: String, reason: String) {
+    if key.starts_with(bounds.prefix)
+        && bounds
+            .after
+            .is_none_or(|a| key_order(&key, a) == Ordering::Greater)
+    {
+        push(page, bounds.limit, unlistable(key, reason));
+    }
 }
 
 /// Adds `object` to the page, or notes that the page is full.
