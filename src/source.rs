@@ -141,6 +141,10 @@ pub struct SourceStats {
     /// The listing was stopped (by a signal) before it reached its end.
     #[serde(default)]
     pub interrupted: bool,
+    /// The process whose stop (a signal it received) stopped the listing, when it was not
+    /// this one: in a cluster a stop asked of any process reaches the source on process 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by_process: Option<usize>,
 }
 
 /// When a run lists: once, or every `poll_interval` until stopped.
@@ -329,7 +333,12 @@ impl Driver {
     ) -> Result<(), ListingError> {
         loop {
             if stop() {
-                self.stats.interrupted = !self.nothing_left(worker, &mut pages);
+                let (filter, novelty) = (&self.filter, &mut self.novelty);
+                let left = nothing_left(&mut pages, |page| {
+                    let accepted = page.into_iter().filter(|o| filter.accepts(&o.key));
+                    !novelty.new_objects(worker, accepted.collect()).is_empty()
+                });
+                self.stats.interrupted = !left;
                 return Ok(()); // dropping `pages` ends the listing task
             }
             self.housekeeping(worker);
@@ -367,28 +376,6 @@ impl Driver {
                 self.release(worker, object, stop);
             }
             worker.step();
-        }
-    }
-
-    /// After a stop: whether the listing held nothing new beyond what was released. Pages
-    /// already received are compared (nothing is released); a listing still under way may
-    /// hold more, so it counts as something left.
-    fn nothing_left(&mut self, worker: &mut Worker, pages: &mut Pages) -> bool {
-        use tokio::sync::mpsc::error::TryRecvError;
-        loop {
-            match pages.try_recv() {
-                Ok(Ok(page)) => {
-                    let accepted: Vec<ObjectMeta> = page
-                        .into_iter()
-                        .filter(|o| self.filter.accepts(&o.key))
-                        .collect();
-                    if !self.novelty.new_objects(worker, accepted).is_empty() {
-                        return false;
-                    }
-                }
-                Ok(Err(_)) | Err(TryRecvError::Empty) => return false,
-                Err(TryRecvError::Disconnected) => return true,
-            }
         }
     }
 
@@ -528,9 +515,70 @@ impl Driver {
 /// Span over which images/s is averaged.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
+/// After a stop: whether the listing held nothing beyond what was released. The pages still
+/// to come are read (nothing is released) and each is asked `anything_new`; a listing that has
+/// not ended yet, or that failed, may hold more, so it counts as something left. This is what
+/// tells a stop that came after the last release (exit 0) from one that cut the run short.
+fn nothing_left(pages: &mut Pages, mut anything_new: impl FnMut(Vec<ObjectMeta>) -> bool) -> bool {
+    use tokio::sync::mpsc::error::TryRecvError;
+    loop {
+        match pages.try_recv() {
+            Ok(Ok(page)) => {
+                if anything_new(page) {
+                    return false;
+                }
+            }
+            Ok(Err(_)) | Err(TryRecvError::Empty) => return false,
+            Err(TryRecvError::Disconnected) => return true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stop that lands after the last release but before the listing's end: the pages
+    /// that arrive after it hold only released keys, so the run ends normally (exit 0); a new
+    /// key, a listing still under way or a failed listing make it an interrupted run (143).
+    #[test]
+    fn a_stop_after_the_last_release_leaves_nothing_when_the_rest_was_released() {
+        let released = ["a.jpg", "b.jpg"];
+        let is_new =
+            |page: Vec<ObjectMeta>| page.iter().any(|o| !released.contains(&o.key.as_str()));
+        let listing = |pages: Vec<Result<Vec<ObjectMeta>, ListingError>>, ended: bool| {
+            let (send, receive) = tokio::sync::mpsc::channel(8);
+            for page in pages {
+                send.try_send(page).unwrap();
+            }
+            if !ended {
+                std::mem::forget(send); // the listing task still holds its sender
+            }
+            receive
+        };
+        let page = |keys: &[&str]| {
+            Ok(keys
+                .iter()
+                .map(|k| ObjectMeta::new(k.to_string(), 1, "v1".to_string()))
+                .collect())
+        };
+        let mut ended_with_released = listing(vec![page(&["a.jpg"]), page(&["b.jpg"])], true);
+        assert!(nothing_left(&mut ended_with_released, is_new));
+        let mut ended_empty = listing(vec![], true);
+        assert!(nothing_left(&mut ended_empty, is_new));
+        let mut a_new_key = listing(vec![page(&["a.jpg"]), page(&["c.jpg"])], true);
+        assert!(!nothing_left(&mut a_new_key, is_new));
+        let mut still_listing = listing(vec![page(&["a.jpg", "b.jpg"])], false);
+        assert!(!nothing_left(&mut still_listing, is_new));
+        let failed = Err(ListingError::Panicked {
+            location: "in/".to_string(),
+            page: 2,
+            after: Some("a.jpg".to_string()),
+            message: "a test".to_string(),
+        });
+        let mut a_failed_page = listing(vec![page(&["a.jpg"]), failed], true);
+        assert!(!nothing_left(&mut a_failed_page, is_new));
+    }
 
     fn f(include: &[&str], exclude: &[&str]) -> KeyFilter {
         let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -173,11 +173,25 @@ pub fn run_job(
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     let batch = service.mode == Mode::Once;
-    if batch && summary.source.interrupted {
-        let signal = signals.received().unwrap_or(signal_hook::consts::SIGINT);
+    // A member other than process 0 that got the signal ends as interrupted: its stop reached
+    // process 0, which ended the run early (process 0 alone knows whether anything was left).
+    let stopped_here = !leader && signals.received().is_some();
+    if batch && (summary.source.interrupted || stopped_here) {
+        // Process 0 stopped by another member's signal ends as SIGTERM does: the signal
+        // service managers and `docker stop` send.
+        let signal = signals
+            .received()
+            .unwrap_or(match summary.source.stopped_by_process {
+                Some(_) => signal_hook::consts::SIGTERM,
+                None => signal_hook::consts::SIGINT,
+            });
+        let by = match summary.source.stopped_by_process {
+            Some(process) => format!(" (process {process} was asked to stop)"),
+            None => String::new(),
+        };
         eprintln!(
-            "verger: interrupted before the end of the input: {} epochs committed; run the same \
-             command again to finish (what is committed is skipped)",
+            "verger: interrupted before the end of the input{by}: {} epochs committed; run the \
+             same command again to finish (what is committed is skipped)",
             summary.epochs
         );
         return Ok(Ending::Interrupted(signal));

@@ -17,11 +17,12 @@
 
 mod job;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use timely::dataflow::operators::Probe;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::{Exchange, Input, Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 
@@ -53,8 +54,15 @@ pub fn run_loading(
     load: impl FnOnce() -> Result<Embedder, Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<Summary, RunError> {
     job::prepare_and_run(config, load, |job| {
-        let guards = timely::execute(job::timely_config(&job.config), move |w| worker(w, &job))
+        let timely = job::timely_config(&job.config);
+        let (builders, others) = timely
+            .communication
+            .try_build_with(crate::cluster::network_hooks())
             .map_err(RunError::Timely)?;
+        let guards = timely::execute::execute_from(builders, others, timely.worker, move |w| {
+            worker(w, &job)
+        })
+        .map_err(RunError::Timely)?;
         guards
             .join()
             .into_iter()
@@ -119,9 +127,19 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
 
     keys.advance_to(job.first_epoch);
     let mut novelty = Novelty::build(worker, ctx.metrics.clone());
+    let (mut stops, stopped_by) = stop_requests(worker);
     if worker.index() != 0 {
         drop((keys, novelty, feed));
+        let process = config.cluster.as_ref().map_or(0, |c| c.process);
+        let mut asked = false;
         while !probe.done() {
+            if !asked && config.stop.load(Ordering::Relaxed) {
+                stops.send(process);
+                // Advancing the time is what pushes the message out now: the exchange's
+                // buffers are flushed when an input's epoch closes, not by `flush`.
+                stops.advance_to(1);
+                asked = true;
+            }
             worker.step_or_park(Some(Duration::from_millis(50)));
         }
         return None;
@@ -142,7 +160,11 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         config.filter.clone(),
         ctx.metrics.clone(),
     );
-    let stop = || ctx.fatal.is_set() || config.stop.load(Ordering::Relaxed);
+    let stop = || {
+        ctx.fatal.is_set()
+            || config.stop.load(Ordering::Relaxed)
+            || stopped_by.load(Ordering::Relaxed) != NO_PROCESS
+    };
     let listed = driver.drive(
         worker,
         &ctx.runtime,
@@ -154,13 +176,53 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
     if let Err(e) = listed {
         ctx.fatal.set(e.into());
     }
+    let peer = stopped_by.load(Ordering::Relaxed);
     if config.stop.load(Ordering::Relaxed) {
         tracing::warn!("stop requested: finishing the epochs in flight");
+    } else if peer != NO_PROCESS {
+        tracing::warn!(
+            process = peer,
+            "process {peer} was asked to stop: finishing the epochs in flight"
+        );
+        driver.stats.stopped_by_process = Some(peer);
     }
     let labels = driver.finish(worker);
+    drop(stops);
     Some(WorkerReport {
         source: driver.stats.clone(),
         committed: driver.committed,
         labels,
     })
+}
+
+/// What [`stop_requests`]' flag holds while no stop was asked.
+const NO_PROCESS: usize = usize::MAX;
+
+/// The input of the stop dataflow: the index of a process that was asked to stop.
+type StopInput = InputHandle<u64, CapacityContainerBuilder<Vec<usize>>>;
+
+/// A small dataflow beside the pipeline that carries a stop (SIGINT or SIGTERM) asked of any
+/// process to worker 0, whose source alone releases objects: `docker stop` of one cluster
+/// member then stops the whole run the way a stop of process 0 does (no new object released,
+/// the epochs in flight committed) instead of being ignored until that member is killed. Each
+/// worker sends its process's index into the input; worker 0's flag holds the first that came.
+fn stop_requests(worker: &mut Worker) -> (StopInput, Arc<AtomicUsize>) {
+    let mut input = StopInput::new();
+    let stopped_by = Arc::new(AtomicUsize::new(NO_PROCESS));
+    let flag = stopped_by.clone();
+    worker.dataflow::<u64, _, _>(|scope| {
+        scope
+            .input_from(&mut input)
+            .container::<Vec<usize>>()
+            .exchange(|_| 0)
+            .inspect(move |process| {
+                let _ = flag.compare_exchange(
+                    NO_PROCESS,
+                    *process,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            });
+    });
+    (input, stopped_by)
 }
