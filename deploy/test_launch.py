@@ -463,14 +463,16 @@ class IamPolicy(unittest.TestCase):
             ("s3:ListBucket", "arn:aws:s3:::INPUT_BUCKET", {"s3:prefix": "INPUT_PREFIX/"}),
             ("s3:ListBucket", "arn:aws:s3:::INPUT_BUCKET", {"s3:prefix": "INPUT_PREFIX/apples/"}),
             ("s3:GetObject", "arn:aws:s3:::INPUT_BUCKET/INPUT_PREFIX/apples/1.jpg", {}),
-            # the manifests, and the uploads left open by a killed run (ListMultipartUploads with
+            # the Delta log, and the uploads left open by a killed run (ListMultipartUploads with
             # the output prefix as a request parameter: it is no condition key of that action)
             ("s3:ListBucket", bucket, {"s3:prefix": "OUTPUT_PREFIX/"}),
             ("s3:ListBucketMultipartUploads", bucket, {}),
             ("s3:AbortMultipartUpload", out + "data/part-0.parquet", {}),
             # data files: PUT, or Create/UploadPart/CompleteMultipartUpload (all s3:PutObject)
             ("s3:PutObject", out + "data/part-0.parquet", {}),
-            ("s3:GetObject", out + "_manifest/00000001.json", {}),
+            ("s3:GetObject", out + "_delta_log/00000000000000000001.json", {}),
+            # a Delta version: a conditional PUT of the next log entry
+            ("s3:PutObject", out + "_delta_log/00000000000000000002.json", {"s3:if-none-match": "*"}),
             ("s3:DeleteObject", out + "data/part-1.parquet", {}),
             # the lease: conditional PUT (If-None-Match: * to take it, If-Match to renew or take
             # over), GET to read its holder, DELETE to release it

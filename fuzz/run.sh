@@ -17,7 +17,7 @@ fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
-TARGETS=(decode manifest hostfile)
+TARGETS=(decode hostfile)
 FRUITS="$HERE/../../shared/data/fruits-360-sample/Training"
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
@@ -26,7 +26,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 # ---- seed corpora (existing corpus entries, e.g. from earlier runs, are kept)
-mkdir -p corpus/decode corpus/manifest corpus/hostfile artifacts logs
+mkdir -p corpus/decode corpus/hostfile artifacts logs
 
 if [ -d "$FRUITS" ]; then
     # The first two pictures (by name) of each of the first few classes, five in all.
@@ -48,11 +48,6 @@ B64
 base64 -d > corpus/decode/seed-ga-3x1.png <<'B64'
 iVBORw0KGgoAAAANSUhEUgAAAAMAAAABCAQAAACx6dw/AAAAD0lEQVR4nGPg+t/Q8IsBAAqyAwQp01pqAAAAAElFTkSuQmCC
 B64
-
-printf '%s' '{"epoch":0,"run":"r","model":"efficientnet-lite0","rows":1,"errors":0,"files":[{"key":"data/e0000000000-w0000-r.parquet","kind":"data","rows":1,"bytes":100}]}' \
-    > corpus/manifest/seed-data.json
-printf '%s' '{"epoch":0,"run":"r","model":"efficientnet-lite0","rows":2,"errors":1,"files":[{"key":"data/e0000000000-w0000-r.parquet","kind":"data","rows":2,"bytes":100},{"key":"errors/e0000000000-w0001-r.parquet","kind":"errors","rows":1,"bytes":50}]}' \
-    > corpus/manifest/seed-data-errors.json
 
 printf 'localhost:2101\n# c\n[::1]:2200\n' > corpus/hostfile/seed-basic
 printf 'h1.example.com:2101  # first\r\n\n10.0.0.2:65535\n' > corpus/hostfile/seed-crlf

@@ -54,7 +54,7 @@ pub struct DecodeSettings {
 }
 
 impl DecodeSettings {
-    /// What decides a row's pixels and label besides the model, as a manifest records it
+    /// What decides a row's pixels and label besides the model, as the table's metadata records it
     /// (`orientation=apply label=parent`): an output refuses a run that would derive rows
     /// otherwise, since its committed rows would be kept as they are.
     pub fn derivation(&self) -> String {

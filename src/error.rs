@@ -39,7 +39,7 @@ pub enum StageError {
         #[source]
         source: StorageError,
     },
-    /// The manifest of an epoch could not be written.
+    /// The Delta version of an epoch could not be committed.
     #[error("epoch {epoch} not committed")]
     Commit {
         /// The epoch.
@@ -124,8 +124,37 @@ pub enum CommitError {
     /// A committed file could not be read back.
     #[error(transparent)]
     Table(#[from] TableError),
-    /// A manifest is not valid JSON of a manifest (or could not be encoded).
-    #[error("manifest {key}: {source}")]
+    /// The Delta table could not be opened, read or committed to.
+    #[error("the Delta table at {location}: {source}")]
+    Delta {
+        /// The output.
+        location: String,
+        /// delta-rs's error.
+        #[source]
+        source: Box<deltalake_core::DeltaTableError>,
+    },
+    /// The output's location cannot be a Delta table's.
+    #[error("{location}: not a place for a Delta table: {reason}")]
+    Location {
+        /// The output.
+        location: String,
+        /// Why.
+        reason: String,
+    },
+    /// The output holds a Delta table that verger did not make.
+    #[error("{location} holds a Delta table that verger did not make (no verger.model in its metadata); write to another output")]
+    NotVerger {
+        /// The output.
+        location: String,
+    },
+    /// The output holds verger's earlier layout (manifests), not a Delta table.
+    #[error("{location} holds an output of an earlier verger (_manifest/ files, not a Delta table); write to a new output, or remove it to start over")]
+    OldLayout {
+        /// The output.
+        location: String,
+    },
+    /// A commit record is not valid JSON of one (or could not be encoded).
+    #[error("{key}: {source}")]
     Json {
         /// Its key.
         key: String,
@@ -133,8 +162,8 @@ pub enum CommitError {
         #[source]
         source: serde_json::Error,
     },
-    /// A manifest that does not describe its own epoch, or lists a file outside the tables.
-    #[error("manifest {key}: {reason}")]
+    /// The Delta log lists a file outside the output.
+    #[error("{key}: {reason}")]
     Invalid {
         /// Its key.
         key: String,
@@ -149,6 +178,34 @@ pub enum CommitError {
         /// The run that committed it.
         run: String,
     },
+}
+
+impl CommitError {
+    /// Whether it came from the store rather than from the table: an HTTP failure, a reset
+    /// or refused connection, a timeout. Such an operation may succeed when tried again; a
+    /// conflict, a missing object or a refused table may not.
+    pub fn is_transient(&self) -> bool {
+        let CommitError::Delta { source, .. } = self else {
+            return false;
+        };
+        let transient = |store: &deltalake_core::ObjectStoreError| {
+            matches!(store, deltalake_core::ObjectStoreError::Generic { .. })
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(error) = cause {
+            if let Some(store) = error.downcast_ref::<deltalake_core::ObjectStoreError>() {
+                return transient(store);
+            }
+            // The kernel wraps the store's error without naming it as its source.
+            if let Some(delta_kernel::Error::ObjectStore(store)) =
+                error.downcast_ref::<delta_kernel::Error>()
+            {
+                return transient(store);
+            }
+            cause = error.source();
+        }
+        false
+    }
 }
 
 /// The first [`StageError`] of a run, shared by every stage of every worker of the process.

@@ -108,8 +108,8 @@ impl PartialEq for LabelPattern {
 
 impl Eq for LabelPattern {}
 
-/// Columns of the embeddings table a pattern's group may not be named after.
-pub const TABLE_COLUMNS: [&str; 10] = [
+/// Columns of the output table a pattern's group may not be named after.
+pub const TABLE_COLUMNS: [&str; 12] = [
     "key",
     "label",
     "width",
@@ -120,6 +120,8 @@ pub const TABLE_COLUMNS: [&str; 10] = [
     "epoch",
     "prediction",
     "confidence",
+    "stage",
+    "reason",
 ];
 
 /// Why a `--label-pattern` was refused.

@@ -105,12 +105,14 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
         Command::Bench(args) => cli::bench::bench(out, &args).map(|()| Ending::Done),
         Command::Inspect {
             output,
+            version,
             store,
             splits,
-        } => cli::inspect::inspect(out, &output, &store, &splits.splits()).map(|()| Ending::Done),
+        } => cli::inspect::inspect(out, (&output, version), &store, &splits.splits())
+            .map(|()| Ending::Done),
         Command::Train(args) => cli::train::train(
             out,
-            (&args.input, &args.output),
+            (&args.input, args.version, &args.output),
             &args.store,
             &args.splits.splits(),
             &args.config(),
@@ -121,11 +123,12 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
             html,
             metrics,
             max_points,
+            version,
             store,
             splits,
         } => cli::report::report(
             out,
-            (&output, &html),
+            (&output, version, &html),
             &store,
             metrics.as_deref(),
             (max_points, &splits.splits()),

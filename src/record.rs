@@ -199,13 +199,15 @@ pub struct WrittenFile {
     pub rows: u64,
     /// Size in bytes.
     pub bytes: u64,
+    /// Its Delta statistics (JSON: record count, bounds of key, label, epoch and stage).
+    pub stats: String,
 }
 
 /// A file published to the output store, with the rows of a data file (or the failed reads
 /// of an errors file).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
-    /// The file, as its manifest lists it.
+    /// The file, as its epoch's commit adds it to the table.
     pub file: WrittenFile,
     /// The rows of a data file; for an errors file, the versions whose read failed.
     pub rows: Vec<RowId>,

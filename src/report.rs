@@ -10,7 +10,7 @@ use nalgebra::{DMatrix, SymmetricEigen};
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::commit::Manifest;
+use crate::commit::EpochCommit;
 use crate::head::Metrics;
 use crate::record::{Embedded, Failure};
 use crate::sink::reader::Table;
@@ -103,16 +103,16 @@ pub struct ReportData {
     pub metrics: Option<Metrics>,
     /// Current error records grouped by stage and reason, largest group first.
     pub errors: Vec<ErrorGroup>,
-    /// Per epoch, for manifests that record their commit time.
+    /// Per epoch, from the commit records.
     pub throughput: Vec<RunProgress>,
-    /// Models of the manifests.
+    /// Models of the commit records.
     pub models: Vec<String>,
 }
 
 impl ReportData {
-    /// Gathers the page's data from a committed table (rows, errors and manifests).
+    /// Gathers the page's data from a committed table (rows, errors and commit records).
     pub fn gather(table: &Table, metrics: Option<Metrics>, options: &ReportOptions) -> Self {
-        let manifests = &table.manifests;
+        let manifests = &table.commits;
         let latest = table.latest_rows();
         let labels: Vec<(String, usize)> = crate::evaluate::label_counts(latest.iter().copied())
             .into_iter()
@@ -246,9 +246,9 @@ fn error_groups(errors: &[&Failure]) -> Vec<ErrorGroup> {
     groups
 }
 
-/// Each run's commits over wall-clock time, from the manifests that record their commit time
-/// (older ones do not), runs in the order of their first epoch.
-fn throughput(manifests: &[Manifest]) -> Vec<RunProgress> {
+/// Each run's commits over wall-clock time, from the commit records, runs in the order of
+/// their first epoch.
+fn throughput(manifests: &[EpochCommit]) -> Vec<RunProgress> {
     let mut runs: Vec<RunProgress> = Vec::new();
     for m in manifests {
         let (Some(committed), Some(started)) = (m.committed_ms, m.run_started_ms) else {
@@ -358,7 +358,7 @@ mod tests {
     /// manifests without commit times are left out.
     #[test]
     fn throughput_is_committed_objects_over_wall_clock_time_per_run() {
-        let manifest = |epoch, run: &str, started, committed, rows| Manifest {
+        let manifest = |epoch, run: &str, started, committed, rows| EpochCommit {
             derivation: String::new(),
             epoch,
             run: run.into(),

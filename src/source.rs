@@ -417,7 +417,7 @@ impl Driver {
     pub fn housekeeping(&mut self, worker: &mut Worker) {
         let committed: Vec<CommitReport> = self.commits.drain().collect();
         for report in committed {
-            let m = &report.manifest;
+            let m = &report.commit;
             self.committed.rows += m.rows;
             self.committed.errors += m.errors;
             self.committed.epochs += 1;

@@ -1,33 +1,34 @@
-//! The two output tables: their Arrow schemas, how rows become record batches, and how a
-//! committed Parquet file is read back (every column by name).
+//! The output table: its Arrow schema, how rows and error records become record batches,
+//! and how a committed Parquet file is read back (every column by name).
 //!
-//! `embeddings`: `key` utf8, `label` utf8 (null for a key at the root), `width` / `height`
-//! uint32 (original size), `embedding` FixedSizeList<Float32, 1280>, `model` utf8, `etag`
-//! utf8 (the version of the object embedded), `epoch` uint64 (the epoch that committed it).
-//! A run with `--label-pattern` adds one nullable utf8 column per named group of the pattern
-//! other than `label`, after these (e.g. `field`).
-//! `errors`: `key`, `stage` (`size` | `fetch` | `decode` | `embed`), `reason`, `model`,
-//! `etag`, all utf8, and `epoch` uint64.
+//! One table holds both: a row per embedded object version, and a row per failed attempt.
+//! `key` utf8, `label` utf8 (null for a key at the root or an error), `width` / `height`
+//! int32 (original size; null for an error), `embedding` list<float32> (1,280 values; null
+//! for an error), `model` utf8, `etag` utf8 (the version of the object), `epoch` int64 (the
+//! epoch that committed it), `prediction` utf8 / `confidence` float32 (a head's, if any),
+//! `stage` utf8 (`size` | `fetch` | `decode` | `embed`; null for an embedding) and `reason`
+//! utf8 (null for an embedding). A run with `--label-pattern` adds one nullable utf8 column
+//! per named group of the pattern other than `label`, after these (e.g. `field`).
 //!
-//! With `epoch` in every row, "the latest row of each key" is one query over the files (an
-//! `arg_max` or window over `epoch`), no manifest reading needed.
-//!
-//! A key appears again, in a later epoch, when its object was replaced (new ETag): the row
-//! of the latest epoch supersedes the earlier ones ([`crate::sink::reader::Table::latest_rows`]).
+//! Types are those every Delta reader has (Delta, Spark and Athena have no unsigned
+//! integers nor fixed-size lists): the embedding's dimension is in the table's metadata.
+//! One table, not a second one for errors, so that an epoch is one Delta commit: its rows
+//! and its error records become visible together, exactly once.
 
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray,
-    UInt32Array, UInt64Array,
+    Array, ArrayRef, AsArray, Float32Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    StringArray,
 };
-use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Float32Type, Int32Type, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::record::{Embedded, Epoch, Failure, FileKind, RowId, Stage, FEATURE_DIM};
+use crate::record::{Embedded, Epoch, Failure, RowId, Stage};
 use crate::storage::{ObjectStore, StorageError};
 
 /// Why a committed file could not be read back.
@@ -55,8 +56,8 @@ pub enum TableError {
         /// The type it must have.
         expected: &'static str,
     },
-    /// An errors table names a stage verger does not know.
-    #[error("{key}: unknown stage `{name}` in the errors table")]
+    /// An error record names a stage verger does not know.
+    #[error("{key}: unknown stage `{name}` in an error record")]
     UnknownStage {
         /// The file's key.
         key: String,
@@ -68,7 +69,7 @@ pub enum TableError {
 /// Rows per Parquet row group: bounds the writer's memory (~6 MiB of embeddings).
 pub const ROW_GROUP_ROWS: usize = 1024;
 
-/// Parquet settings shared by both tables.
+/// Parquet settings of the table's files.
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -77,51 +78,47 @@ pub fn writer_properties() -> WriterProperties {
 }
 
 fn embedding_item() -> Arc<Field> {
-    Arc::new(Field::new("item", DataType::Float32, false))
+    Arc::new(Field::new("element", DataType::Float32, false))
 }
 
-/// Schema of the embeddings table, with the extra string `columns` of a label pattern.
-pub fn embeddings_schema(columns: &[String]) -> SchemaRef {
+/// Schema of the table, with the extra string `columns` of a label pattern.
+pub fn table_schema(columns: &[String]) -> SchemaRef {
     let mut fields = base_fields();
     fields.extend(columns.iter().map(|c| Field::new(c, DataType::Utf8, true)));
     Arc::new(Schema::new(fields))
 }
 
-/// The embeddings table's own columns.
+/// The table's own columns.
 fn base_fields() -> Vec<Field> {
     vec![
         Field::new("key", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, true),
-        Field::new("width", DataType::UInt32, false),
-        Field::new("height", DataType::UInt32, false),
-        Field::new(
-            "embedding",
-            DataType::FixedSizeList(embedding_item(), FEATURE_DIM as i32),
-            false,
-        ),
+        Field::new("width", DataType::Int32, true),
+        Field::new("height", DataType::Int32, true),
+        Field::new("embedding", DataType::List(embedding_item()), true),
         Field::new("model", DataType::Utf8, false),
         Field::new("etag", DataType::Utf8, false),
-        Field::new("epoch", DataType::UInt64, false),
+        Field::new("epoch", DataType::Int64, false),
         Field::new("prediction", DataType::Utf8, true),
         Field::new("confidence", DataType::Float32, true),
+        Field::new("stage", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, true),
     ]
-}
-
-/// Schema of the errors table.
-pub fn errors_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("key", DataType::Utf8, false),
-        Field::new("stage", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("model", DataType::Utf8, false),
-        Field::new("etag", DataType::Utf8, false),
-        Field::new("epoch", DataType::UInt64, false),
-    ]))
 }
 
 /// The `epoch` column: the same epoch for every row of a file.
 fn epoch_column(len: usize, epoch: Epoch) -> ArrayRef {
-    Arc::new(UInt64Array::from(vec![epoch; len]))
+    Arc::new(Int64Array::from(vec![epoch as i64; len]))
+}
+
+/// A column of `len` nulls of `data_type`.
+fn nulls(data_type: &DataType, len: usize) -> ArrayRef {
+    arrow::array::new_null_array(data_type, len)
+}
+
+/// A row's original side as the table's int32 (photos are far below 2^31 pixels a side).
+fn side(pixels: u32) -> i32 {
+    i32::try_from(pixels).unwrap_or(i32::MAX)
 }
 
 /// Encodes embedding rows of `epoch`, with the extra string `columns` of a label pattern (a
@@ -136,9 +133,9 @@ pub fn embeddings_batch(
         .iter()
         .flat_map(|r| r.embedding.iter().copied())
         .collect();
-    let embedding = FixedSizeListArray::new(
+    let embedding = ListArray::new(
         embedding_item(),
-        FEATURE_DIM as i32,
+        OffsetBuffer::from_lengths(rows.iter().map(|r| r.embedding.len())),
         Arc::new(Float32Array::from(values)),
         None,
     );
@@ -149,8 +146,12 @@ pub fn embeddings_batch(
         Arc::new(StringArray::from_iter(
             rows.iter().map(|r| r.label.as_deref()),
         )),
-        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.width))),
-        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.height))),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| side(r.width)),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| side(r.height)),
+        )),
         Arc::new(embedding),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|_| model))),
         Arc::new(StringArray::from_iter_values(
@@ -165,6 +166,8 @@ pub fn embeddings_batch(
             rows.iter()
                 .map(|r| r.prediction.as_ref().map(|p| p.confidence)),
         )),
+        nulls(&DataType::Utf8, rows.len()),
+        nulls(&DataType::Utf8, rows.len()),
     ];
     for name in columns {
         arrays.push(Arc::new(StringArray::from_iter(rows.iter().map(|r| {
@@ -174,28 +177,117 @@ pub fn embeddings_batch(
                 .and_then(|(_, v)| v.as_deref())
         }))));
     }
-    RecordBatch::try_new(embeddings_schema(columns), arrays).expect("columns match the schema")
+    RecordBatch::try_new(table_schema(columns), arrays).expect("columns match the schema")
 }
 
-/// Encodes error records of `epoch`.
-pub fn errors_batch(rows: &[Failure], model: &str, epoch: Epoch) -> RecordBatch {
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.key.as_str()),
-        )),
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.stage.as_str()),
-        )),
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.reason.as_str()),
-        )),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|_| model))),
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.etag.as_str()),
-        )),
-        epoch_column(rows.len(), epoch),
-    ];
-    RecordBatch::try_new(errors_schema(), columns).expect("columns match the schema")
+/// Encodes error records of `epoch`: rows of the same table with no embedding, their stage
+/// and reason set, and nulls in the extra `columns` of a label pattern.
+pub fn errors_batch(
+    rows: &[Failure],
+    model: &str,
+    epoch: Epoch,
+    columns: &[String],
+) -> RecordBatch {
+    let schema = table_schema(columns);
+    let n = rows.len();
+    let arrays: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|field| -> ArrayRef {
+            match field.name().as_str() {
+                "key" => Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.key.as_str()),
+                )),
+                "model" => Arc::new(StringArray::from_iter_values(rows.iter().map(|_| model))),
+                "etag" => Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.etag.as_str()),
+                )),
+                "epoch" => epoch_column(n, epoch),
+                "stage" => Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.stage.as_str()),
+                )),
+                "reason" => Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.reason.as_str()),
+                )),
+                _ => nulls(field.data_type(), n),
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, arrays).expect("columns match the schema")
+}
+
+/// A file's Delta statistics, gathered as its records are written: readers prune files
+/// by `key`, `label`, `epoch` and `stage` with them (`numRecords`, `minValues`,
+/// `maxValues`, `nullCount`).
+#[derive(Debug, Default)]
+pub struct FileStats {
+    records: u64,
+    key: Option<(String, String)>,
+    label: Option<(String, String)>,
+    stage: Option<(String, String)>,
+    null_labels: u64,
+    null_stages: u64,
+}
+
+/// Widens `bounds` to take `value` in.
+fn widen(bounds: &mut Option<(String, String)>, value: &str) {
+    match bounds {
+        None => *bounds = Some((value.to_string(), value.to_string())),
+        Some((min, max)) => {
+            if value < min.as_str() {
+                *min = value.to_string();
+            }
+            if value > max.as_str() {
+                *max = value.to_string();
+            }
+        }
+    }
+}
+
+impl FileStats {
+    /// Takes one record in: a row (`stage` None) or an error record.
+    pub fn observe(&mut self, key: &str, label: Option<&str>, stage: Option<Stage>) {
+        self.records += 1;
+        widen(&mut self.key, key);
+        match label {
+            Some(l) => widen(&mut self.label, l),
+            None => self.null_labels += 1,
+        }
+        match stage {
+            Some(s) => widen(&mut self.stage, s.as_str()),
+            None => self.null_stages += 1,
+        }
+    }
+
+    /// The statistics as Delta's JSON, for a file whose records all have `epoch`.
+    pub fn to_json(&self, epoch: Epoch) -> String {
+        let (mut min, mut max) = (serde_json::Map::new(), serde_json::Map::new());
+        min.insert("epoch".into(), epoch.into());
+        max.insert("epoch".into(), epoch.into());
+        for (name, bounds) in [
+            ("key", &self.key),
+            ("label", &self.label),
+            ("stage", &self.stage),
+        ] {
+            if let Some((lo, hi)) = bounds {
+                min.insert(name.into(), lo.as_str().into());
+                max.insert(name.into(), hi.as_str().into());
+            }
+        }
+        serde_json::json!({
+            "numRecords": self.records,
+            "minValues": min,
+            "maxValues": max,
+            "nullCount": {
+                "key": 0,
+                "epoch": 0,
+                "label": self.null_labels,
+                "stage": self.null_stages,
+                "reason": self.null_stages,
+            },
+        })
+        .to_string()
+    }
 }
 
 /// The key, version and label of a committed row, or the key, version and stage of an
@@ -249,9 +341,9 @@ fn column<'a>(
     let column = batch.column_by_name(name).ok_or_else(missing)?;
     let fits = match expected {
         "utf8" => column.data_type() == &DataType::Utf8,
-        "uint32" => column.data_type() == &DataType::UInt32,
+        "int32" => column.data_type() == &DataType::Int32,
         "float32" => column.data_type() == &DataType::Float32,
-        _ => matches!(column.data_type(), DataType::FixedSizeList(item, _)
+        _ => matches!(column.data_type(), DataType::List(item)
             if item.data_type() == &DataType::Float32),
     };
     fits.then_some(column).ok_or_else(missing)
@@ -266,12 +358,12 @@ fn strings<'a>(
     Ok(column(batch, name, file, "utf8")?.as_string::<i32>())
 }
 
-fn uint32s<'a>(
+fn int32s<'a>(
     batch: &'a RecordBatch,
     name: &'static str,
     file: &str,
-) -> Result<&'a UInt32Array, TableError> {
-    Ok(column(batch, name, file, "uint32")?.as_primitive::<UInt32Type>())
+) -> Result<&'a Int32Array, TableError> {
+    Ok(column(batch, name, file, "int32")?.as_primitive::<Int32Type>())
 }
 
 fn stage_of(name: &str, file: &str) -> Result<Stage, TableError> {
@@ -281,31 +373,28 @@ fn stage_of(name: &str, file: &str) -> Result<Stage, TableError> {
     })
 }
 
-/// Key, version and label (data) or stage (errors) of every record of one committed file:
-/// what a restart needs, without reading the embeddings.
-pub async fn read_index(
-    store: &dyn ObjectStore,
-    key: &str,
-    kind: FileKind,
-) -> Result<Vec<IndexEntry>, TableError> {
-    let columns: [&'static str; 3] = match kind {
-        FileKind::Data => ["key", "etag", "label"],
-        FileKind::Errors => ["key", "etag", "stage"],
-    };
+/// The stage of row `i`: `None` for an embedding, the failed stage for an error record.
+fn stage_at(stages: &StringArray, i: usize, file: &str) -> Result<Option<Stage>, TableError> {
+    match stages.is_null(i) {
+        true => Ok(None),
+        false => stage_of(stages.value(i), file).map(Some),
+    }
+}
+
+/// Key, version and label (rows) or stage (error records) of every record of one committed
+/// file: what a restart needs, without reading the embeddings.
+pub async fn read_index(store: &dyn ObjectStore, key: &str) -> Result<Vec<IndexEntry>, TableError> {
+    let columns = ["key", "etag", "label", "stage"];
     let mut out = Vec::new();
     for batch in read_batches(store, key, Some(&columns)).await? {
         let keys = strings(&batch, "key", key)?;
         let etags = strings(&batch, "etag", key)?;
-        let other = strings(&batch, columns[2], key)?;
+        let labels = strings(&batch, "label", key)?;
+        let stages = strings(&batch, "stage", key)?;
         for i in 0..batch.num_rows() {
-            let third = (!other.is_null(i)).then(|| other.value(i).to_string());
-            let (label, stage) = match kind {
-                FileKind::Data => (third, None),
-                FileKind::Errors => (
-                    None,
-                    third.as_deref().map(|s| stage_of(s, key)).transpose()?,
-                ),
-            };
+            let stage = stage_at(stages, i, key)?;
+            let label =
+                (stage.is_none() && !labels.is_null(i)).then(|| labels.value(i).to_string());
             out.push(IndexEntry {
                 row: RowId {
                     key: keys.value(i).to_string(),
@@ -319,23 +408,36 @@ pub async fn read_index(
     Ok(out)
 }
 
-/// The embedding rows of one record batch of the embeddings table, every column by name.
-pub fn decode_rows(batch: &RecordBatch, file: &str) -> Result<Vec<Embedded>, TableError> {
+/// What one record batch of the table holds: embedding rows and error records, each with
+/// its epoch.
+#[derive(Debug, Default, PartialEq)]
+pub struct Records {
+    /// The embedding rows, in file order.
+    pub rows: Vec<(Epoch, Embedded)>,
+    /// The error records, in file order.
+    pub errors: Vec<(Epoch, Failure)>,
+}
+
+/// The rows and error records of one record batch of the table, every column by name.
+pub fn decode_records(batch: &RecordBatch, file: &str) -> Result<Records, TableError> {
     let key = strings(batch, "key", file)?;
     let etag = strings(batch, "etag", file)?;
     let label = strings(batch, "label", file)?;
-    let width = uint32s(batch, "width", file)?;
-    let height = uint32s(batch, "height", file)?;
-    let embedding =
-        column(batch, "embedding", file, "fixed_size_list<float32>")?.as_fixed_size_list();
-    // Files written before heads existed, or by a run without one, may lack the two columns.
-    let prediction = match batch.column_by_name("prediction") {
-        Some(_) => Some((
-            strings(batch, "prediction", file)?,
-            column(batch, "confidence", file, "float32")?.as_primitive::<Float32Type>(),
-        )),
-        None => None,
-    };
+    let stage = strings(batch, "stage", file)?;
+    let reason = strings(batch, "reason", file)?;
+    let width = int32s(batch, "width", file)?;
+    let height = int32s(batch, "height", file)?;
+    let epochs = batch
+        .column_by_name("epoch")
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
+        .ok_or_else(|| TableError::Column {
+            key: file.to_string(),
+            column: "epoch",
+            expected: "int64",
+        })?;
+    let embedding = column(batch, "embedding", file, "list<float32>")?.as_list::<i32>();
+    let prediction = strings(batch, "prediction", file)?;
+    let confidence = column(batch, "confidence", file, "float32")?.as_primitive::<Float32Type>();
     // The extra columns of a label pattern: every other string column, in the file's order.
     let extra: Vec<(&str, &StringArray)> = batch
         .schema_ref()
@@ -348,56 +450,53 @@ pub fn decode_rows(batch: &RecordBatch, file: &str) -> Result<Vec<Embedded>, Tab
         })
         .map(|(f, c)| (f.name().as_str(), c.as_string::<i32>()))
         .collect();
-    Ok((0..batch.num_rows())
-        .map(|i| Embedded {
-            key: key.value(i).to_string(),
-            etag: etag.value(i).to_string(),
-            label: (!label.is_null(i)).then(|| label.value(i).to_string()),
-            columns: extra
-                .iter()
-                .map(|(name, values)| {
-                    let value = (!values.is_null(i)).then(|| values.value(i).to_string());
-                    (name.to_string(), value)
-                })
-                .collect(),
-            width: width.value(i),
-            height: height.value(i),
-            embedding: embedding
-                .value(i)
-                .as_primitive::<Float32Type>()
-                .values()
-                .to_vec(),
-            prediction: prediction.and_then(|(label, confidence)| {
-                (!label.is_null(i)).then(|| crate::record::Prediction {
-                    label: label.value(i).to_string(),
-                    confidence: confidence.value(i),
-                })
-            }),
-        })
-        .collect())
-}
-
-/// The error records of one record batch of the errors table.
-pub fn decode_errors(batch: &RecordBatch, file: &str) -> Result<Vec<Failure>, TableError> {
-    let key = strings(batch, "key", file)?;
-    let etag = strings(batch, "etag", file)?;
-    let stage = strings(batch, "stage", file)?;
-    let reason = strings(batch, "reason", file)?;
-    (0..batch.num_rows())
-        .map(|i| {
-            Ok(Failure {
+    let text = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
+    let mut out = Records::default();
+    for i in 0..batch.num_rows() {
+        let epoch = epochs.value(i) as Epoch;
+        if let Some(stage) = stage_at(stage, i, file)? {
+            out.errors.push((
+                epoch,
+                Failure {
+                    key: key.value(i).to_string(),
+                    etag: etag.value(i).to_string(),
+                    stage,
+                    reason: text(reason, i).unwrap_or_default(),
+                },
+            ));
+            continue;
+        }
+        out.rows.push((
+            epoch,
+            Embedded {
                 key: key.value(i).to_string(),
                 etag: etag.value(i).to_string(),
-                stage: stage_of(stage.value(i), file)?,
-                reason: reason.value(i).to_string(),
-            })
-        })
-        .collect()
+                label: text(label, i),
+                columns: extra
+                    .iter()
+                    .map(|(name, values)| (name.to_string(), text(values, i)))
+                    .collect(),
+                width: width.value(i).max(0) as u32,
+                height: height.value(i).max(0) as u32,
+                embedding: embedding
+                    .value(i)
+                    .as_primitive::<Float32Type>()
+                    .values()
+                    .to_vec(),
+                prediction: text(prediction, i).map(|label| crate::record::Prediction {
+                    label,
+                    confidence: confidence.value(i),
+                }),
+            },
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::FEATURE_DIM;
     use crate::storage::local::LocalStore;
 
     fn write(store_dir: &std::path::Path, key: &str, batch: &RecordBatch) {
@@ -434,10 +533,9 @@ mod tests {
         write(dir.path(), "data/x.parquet", &shuffled);
         let store = LocalStore::open(dir.path(), false).unwrap();
         let batches = read_batches(&store, "data/x.parquet", None).await.unwrap();
-        assert_eq!(
-            decode_rows(&batches[0], "data/x.parquet").unwrap(),
-            vec![row]
-        );
+        let records = decode_records(&batches[0], "data/x.parquet").unwrap();
+        assert_eq!(records.rows, vec![(3, row)]);
+        assert!(records.errors.is_empty());
     }
 
     /// A file without a column, or with it in another type, is an error naming the file and
@@ -456,26 +554,49 @@ mod tests {
             prediction: None,
         };
         let batch = embeddings_batch(&[row], "m", 0, &[]);
-        let without_height = batch.project(&[0, 1, 2, 4, 5, 6, 7]).unwrap();
+        let height = batch.schema().index_of("height").unwrap();
+        let without_height: Vec<usize> =
+            (0..batch.num_columns()).filter(|&i| i != height).collect();
+        let without_height = batch.project(&without_height).unwrap();
         write(dir.path(), "data/a.parquet", &without_height);
         let store = LocalStore::open(dir.path(), false).unwrap();
         let batches = read_batches(&store, "data/a.parquet", None).await.unwrap();
-        let err = decode_rows(&batches[0], "data/a.parquet").unwrap_err();
+        let err = decode_records(&batches[0], "data/a.parquet").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "data/a.parquet: no uint32 column `height` (written by an older verger?)"
+            "data/a.parquet: no int32 column `height` (written by an older verger?)"
         );
-        let failures = errors_batch(
-            &[Failure {
-                key: "k".into(),
-                etag: "e".into(),
-                stage: Stage::Decode,
-                reason: "r".into(),
-            }],
-            "m",
-            0,
-        );
-        let err = decode_rows(&failures, "errors/b.parquet").unwrap_err();
-        assert!(err.to_string().contains("`label`"), "{err}");
+        // The earlier layout's unsigned sides are refused the same way.
+        let mut fields: Vec<arrow::datatypes::Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields[height] = arrow::datatypes::Field::new("height", DataType::UInt32, true);
+        let mut columns = batch.columns().to_vec();
+        columns[height] = Arc::new(arrow::array::UInt32Array::from(vec![1]));
+        let unsigned = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let err = decode_records(&unsigned, "data/u.parquet").unwrap_err();
+        assert!(err.to_string().contains("int32 column `height`"), "{err}");
+    }
+
+    /// Error records share the table's schema: no embedding, their stage and reason set, and
+    /// they decode back as error records, not rows.
+    #[test]
+    fn error_records_are_rows_of_the_same_table_with_no_embedding() {
+        let failure = Failure {
+            key: "k".into(),
+            etag: "e".into(),
+            stage: Stage::Decode,
+            reason: "r".into(),
+        };
+        let columns = vec!["field".to_string()];
+        let batch = errors_batch(std::slice::from_ref(&failure), "m", 4, &columns);
+        assert_eq!(batch.schema(), table_schema(&columns));
+        assert!(batch.column_by_name("embedding").unwrap().is_null(0));
+        let records = decode_records(&batch, "errors/b.parquet").unwrap();
+        assert_eq!(records.errors, vec![(4, failure)]);
+        assert!(records.rows.is_empty());
     }
 }

@@ -236,7 +236,7 @@ fn an_output_inside_the_input_is_not_taken_as_input() {
     assert_eq!((second.embedded, second.errors), (0, 0), "{second:?}");
     assert!(
         second.source.filtered >= 3,
-        "the output's lease, manifest and Parquet file are left out: {second:?}"
+        "the output's lease, Delta log and Parquet file are left out: {second:?}"
     );
 
     let err = verger::dataflow::run(&config(&input, &input, 1, 8), shared_embedder()).unwrap_err();

@@ -242,7 +242,7 @@ fn a_weights_file_that_is_no_checkpoint_is_refused_and_named() {
         stderr.contains("cannot read PyTorch checkpoint") && stderr.contains("fake.pth"),
         "{stderr}"
     );
-    assert!(!dir.path().join("out/_manifest").exists());
+    assert!(!dir.path().join("out/_delta_log").exists());
 }
 
 /// `verger model list` shows the four models, their input sizes and where their weights come
@@ -318,11 +318,11 @@ fn mobilenet_v2_needs_its_weights_and_refuses_ones_that_do_not_fit() {
             && stderr.contains("shape [8, 3, 3, 3], expected [32, 3, 3, 3]"),
         "{stderr}"
     );
-    assert!(!dir.path().join("out/_manifest").exists());
+    assert!(!dir.path().join("out/_delta_log").exists());
 }
 
 /// Weights that fit the architecture but are not the published file (here Lite0's with one
-/// stored value changed, a BatchNorm's batch counter) run as fine-tuned weights: the manifest
+/// stored value changed, a BatchNorm's batch counter) run as fine-tuned weights: the table
 /// records that file's SHA-256, and the published weights are then refused on that output.
 #[test]
 fn fine_tuned_weights_run_and_keep_their_output_to_themselves() {
@@ -351,11 +351,10 @@ fn fine_tuned_weights_run_and_keep_their_output_to_themselves() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    let manifest: verger::commit::Manifest =
-        serde_json::from_slice(&std::fs::read(out.join("_manifest/0000000000.json")).unwrap())
-            .unwrap();
-    assert_eq!(manifest.weights_sha256, tuned_sha);
-    assert_eq!(read_output(&out).rows.len(), 1);
+    let table = read_output(&out);
+    assert_eq!(table.identity.unwrap().weights_sha256, tuned_sha);
+    assert_eq!(table.commits[0].weights_sha256, tuned_sha);
+    assert_eq!(table.rows.len(), 1);
     let published = run(&weights());
     let stderr = String::from_utf8_lossy(&published.stderr);
     assert_eq!(published.status.code(), Some(1), "{stderr}");
@@ -369,7 +368,7 @@ fn fine_tuned_weights_run_and_keep_their_output_to_themselves() {
 }
 
 /// `--model efficientnet-lite2` end to end through the binary: the 40 reference JPEGs,
-/// decoded and resized to 260 px by verger, against PyTorch's Lite2 features. The manifest
+/// decoded and resized to 260 px by verger, against PyTorch's Lite2 features. The table
 /// records the model and its weights' digest, and a run of another model on that output is
 /// refused, naming both, without writing anything.
 #[test]
@@ -403,11 +402,9 @@ fn lite2_end_to_end_matches_pytorch_and_its_output_refuses_another_model() {
     let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
     assert!(mean >= 0.99, "mean cosine {mean}");
     let spec = verger::embed::ModelSpec::named("efficientnet-lite2").unwrap();
-    let manifest: verger::commit::Manifest =
-        serde_json::from_slice(&std::fs::read(out.join("_manifest/0000000000.json")).unwrap())
-            .unwrap();
-    assert_eq!(manifest.model, "efficientnet-lite2");
-    assert_eq!(manifest.weights_sha256, spec.sha256);
+    let identity = read_output(&out).identity.unwrap();
+    assert_eq!(identity.model, "efficientnet-lite2");
+    assert_eq!(identity.weights_sha256, spec.sha256);
 
     let other = verger()
         .args(["run", "--input"])
@@ -423,10 +420,11 @@ fn lite2_end_to_end_matches_pytorch_and_its_output_refuses_another_model() {
             && stderr.contains("this run computes efficientnet-lite0 (weights 579344248a93)"),
         "{stderr}"
     );
+    let table = read_output(&out);
     assert_eq!(
-        files_under(&out.join("_manifest")).len(),
-        1,
-        "nothing committed"
+        (table.commits.len(), table.version),
+        (1, Some(1)),
+        "nothing committed: the table's creation and one epoch"
     );
 }
 
@@ -736,7 +734,7 @@ fn inspect_and_report_refuse_what_is_not_a_verger_output() {
         (&empty, "is empty".to_string()),
         (
             &photos,
-            "is not a verger output (it holds apple/1.jpg, and no manifest)".to_string(),
+            "is not a verger output (it holds apple/1.jpg, and no Delta table)".to_string(),
         ),
     ] {
         for command in [&["inspect"][..], &["report", "--html", "r.html"]] {
@@ -825,4 +823,80 @@ fn an_unreadable_folder_is_an_error_record_and_the_rest_is_embedded() {
         "{}",
         error.reason
     );
+}
+
+/// An output that is not verger's Delta table is refused in one line saying what it holds,
+/// before anything is written: the earlier layout (`_manifest/`), and a Delta table another
+/// tool made (here with the `deltalake` package: another schema, no `verger.model`).
+#[test]
+fn an_output_of_the_old_layout_or_another_tools_delta_table_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    lemon_and_broken_file(dir.path());
+    let old = dir.path().join("old");
+    std::fs::create_dir_all(old.join("_manifest")).unwrap();
+    std::fs::write(old.join("_manifest/0000000000.json"), b"{}").unwrap();
+    let other = dir.path().join("other");
+    common::python::require_python_packages();
+    common::python::run_python(
+        "import pyarrow as pa\nfrom deltalake import write_deltalake\n\
+         write_deltalake('other', pa.table({'id': [1, 2], 'name': ['a', 'b']}))\n",
+        dir.path(),
+    );
+    for (output, says) in [
+        (
+            &old,
+            "holds an output of an earlier verger (_manifest/ files, not a Delta table)",
+        ),
+        (&other, "holds a Delta table that verger did not make"),
+    ] {
+        let before = files_under(output);
+        let out = verger()
+            .args(["run", "-w", "1", "--input"])
+            .arg(dir.path().join("in"))
+            .arg("--output")
+            .arg(output)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert_eq!(files_under(output), before, "nothing written");
+        let inspect = verger().arg("inspect").arg(output).output().unwrap();
+        let stderr = String::from_utf8_lossy(&inspect.stderr);
+        assert_eq!(inspect.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
+/// `--version N` reads the table as Delta version N was (time travel): the rows of the epochs
+/// committed up to it, for `inspect` as for the `deltalake` package.
+#[test]
+fn inspect_reads_an_earlier_version_of_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in/apple");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, (path, _)) in reference_rows().iter().take(5).enumerate() {
+        std::fs::copy(sample_dir().join(path), input.join(format!("{i}.jpg"))).unwrap();
+    }
+    let out = dir.path().join("out");
+    succeeds(
+        verger()
+            .args(["run", "-w", "1", "--epoch-size", "2", "--input"])
+            .arg(dir.path().join("in"))
+            .arg("--output")
+            .arg(&out),
+    );
+    let latest = succeeds(verger().arg("inspect").arg(&out));
+    assert!(
+        latest.contains("Delta version 3, 3 committed epochs, 5 rows"),
+        "{latest}"
+    );
+    let first = succeeds(verger().arg("inspect").arg(&out).args(["--version", "1"]));
+    assert!(
+        first.contains("Delta version 1, 1 committed epochs, 2 rows"),
+        "{first}"
+    );
+    let (rows, _, _, version) = common::python::deltalake_counts(out.to_str().unwrap());
+    assert_eq!((rows, version), (5, 3));
 }

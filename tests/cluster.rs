@@ -78,11 +78,7 @@ fn wait_for_a_commit(
     leader: &mut Child,
 ) {
     let started = Instant::now();
-    let manifests = format!("{prefix}_manifest/");
-    while rt
-        .block_on(list_keys(client, "fruits", &manifests))
-        .is_empty()
-    {
+    while rt.block_on(committed_epochs(client, "fruits", prefix)) == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "no epoch committed"
@@ -226,7 +222,7 @@ fn a_killed_process_stops_its_peer_and_a_restart_completes_exactly_once() {
 
 /// SIGTERM to process 1 only (what `docker stop` of one member does): the stop reaches the
 /// source on process 0, so the cluster releases nothing more, commits the epochs in flight and
-/// both processes exit 143 with nothing left over (no file outside a manifest, the lease given
+/// both processes exit 143 with nothing left over (no file outside the table's log, the lease given
 /// up); a restart of both completes with every image exactly once.
 #[test]
 fn sigterm_to_one_member_stops_the_cluster_after_its_epochs_in_flight() {
@@ -256,8 +252,19 @@ fn sigterm_to_one_member_stops_the_cluster_after_its_epochs_in_flight() {
     );
     let partial = read_location(output, &options(&endpoint));
     assert!(partial.rows.len() < SAMPLE_IMAGES, "stopped after the end");
-    // The epochs in flight were committed, not abandoned: nothing lies outside a manifest.
+    // The epochs in flight were committed, not abandoned: every Parquet file is in the log.
     rt.block_on(assert_clean_output(&client, "fruits", "stopped/"));
+    let logged = rt.block_on(log_files(&client, "fruits", "stopped/"));
+    let parquet: std::collections::HashSet<String> = rt
+        .block_on(list_keys(&client, "fruits", "stopped/"))
+        .into_iter()
+        .filter(|k| k.ends_with(".parquet"))
+        .map(|k| k["stopped/".len()..].to_string())
+        .collect();
+    assert_eq!(
+        parquet, logged,
+        "a published file outside the log: an abandoned epoch"
+    );
 
     run_cluster(&endpoint, output, 1, 2, dir.path());
     let table = read_location(output, &options(&endpoint));

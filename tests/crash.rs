@@ -1,7 +1,8 @@
-//! Exactly once across crashes, against a real S3 server (SeaweedFS on loopback): verger is
-//! killed with SIGKILL at ten random moments of one run over the sample and restarted each
-//! time; the committed output ends with every image exactly once and nothing left behind. And
-//! SIGINT in a batch run finishes the epochs in flight.
+//! Exactly once across crashes, on a local table and against a real S3 server (SeaweedFS on
+//! loopback): verger is killed with SIGKILL at ten random moments of one run over the sample
+//! and restarted each time; the committed table ends with every image exactly once, for
+//! verger's reader and for the `deltalake` package. And SIGINT in a batch run finishes the
+//! epochs in flight.
 
 mod common;
 
@@ -23,12 +24,6 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
     let keys = rt.block_on(upload_dir(&client, "crash", "in/", &sample_dir(), |_| true));
     assert_eq!(keys.len(), SAMPLE_IMAGES);
 
-    let seed = std::env::var("VERGER_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("kill moments from seed {seed} (VERGER_CRASH_SEED)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let endpoint = server.endpoint();
     // Epochs of 200 images (~2 s here) and every file a multipart upload: the kills land in
     // listing, processing, uploads and commits alike.
@@ -48,43 +43,17 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
         "--multipart-threshold-mib",
         "0",
     ];
-    let started = Instant::now();
-    let mut while_running = 0;
-    for kill in 1..=10 {
-        let verger = Verger::start(&args);
-        let moment = Duration::from_millis(rng.random_range(1_000..4_000));
-        std::thread::sleep(moment);
-        let mut child = verger.child;
-        let finished = child.try_wait().unwrap().is_some();
-        while_running += usize::from(!finished);
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        let manifests = rt
-            .block_on(list_keys(&client, "crash", "out/_manifest/"))
-            .len();
-        eprintln!(
-            "kill {kill} after {:.1} s{}: {manifests} epochs committed so far",
-            moment.as_secs_f64(),
-            if finished {
-                " (had already finished)"
-            } else {
-                ""
-            }
-        );
-    }
-    assert!(
-        while_running >= 5,
-        "only {while_running} kills hit a running verger: the test proves little"
-    );
-    let (status, stdout) = Verger::start(&args).wait(Duration::from_secs(600));
-    assert!(status.success(), "{stdout}");
-    eprintln!(
-        "ten kills and the final run took {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-
+    kill_ten_times_then_finish(&args, || {
+        rt.block_on(committed_epochs(&client, "crash", "out/"))
+    });
     let table = read_location("s3://crash/out", &options(&endpoint));
     assert!(table.errors.is_empty(), "{:?}", table.errors);
+    let epochs: Vec<u64> = table.commits.iter().map(|c| c.epoch).collect();
+    assert_eq!(
+        epochs,
+        (0..epochs.len() as u64).collect::<Vec<_>>(),
+        "one Delta version per epoch, consecutive"
+    );
     let rows = by_key(table.rows); // panics on a duplicate key
     assert_eq!(rows.len(), SAMPLE_IMAGES);
     let want: HashSet<&String> = keys.iter().collect();
@@ -104,6 +73,102 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
     );
 }
 
+/// Kills `verger <args>` with SIGKILL at ten random moments (1-4 s into each start; seed
+/// printed, `VERGER_CRASH_SEED` to replay), printing `committed()` epochs after each, then runs
+/// it to the end.
+fn kill_ten_times_then_finish<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    committed: impl Fn() -> usize,
+) {
+    let seed = std::env::var("VERGER_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("kill moments from seed {seed} (VERGER_CRASH_SEED)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut while_running = 0;
+    for kill in 1..=10 {
+        let verger = Verger::start(args);
+        let moment = Duration::from_millis(rng.random_range(1_000..4_000));
+        std::thread::sleep(moment);
+        let mut child = verger.child;
+        let finished = child.try_wait().unwrap().is_some();
+        while_running += usize::from(!finished);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        eprintln!(
+            "kill {kill} after {:.1} s{}: {} epochs committed so far",
+            moment.as_secs_f64(),
+            if finished {
+                " (had already finished)"
+            } else {
+                ""
+            },
+            committed()
+        );
+    }
+    assert!(
+        while_running >= 5,
+        "only {while_running} kills hit a running verger: the test proves little"
+    );
+    let (status, stdout) = Verger::start(args).wait(Duration::from_secs(600));
+    assert!(status.success(), "{stdout}");
+    eprintln!(
+        "ten kills and the final run took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The same ten kills on a local table, read back by the `deltalake` package: exactly the
+/// sample's keys, each once; one Delta version per epoch, each with its txn, consecutive; every
+/// file the log adds on disk.
+#[test]
+fn ten_kill_9_on_a_local_table_then_the_deltalake_reader_sees_every_image_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let args = whole_sample_args(&out);
+    let versions = || {
+        std::fs::read_dir(out.join("_delta_log"))
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "json")
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    kill_ten_times_then_finish(&args, || versions().saturating_sub(1));
+    let (rows, keys, errors, version) = common::python::deltalake_counts(out.to_str().unwrap());
+    assert_eq!((rows, keys, errors), (SAMPLE_IMAGES, SAMPLE_IMAGES, 0));
+    // Version 0 creates the table; version v commits epoch v - 1 with txn(verger, v - 1).
+    let mut txns = Vec::new();
+    for v in 0..=version {
+        let json = std::fs::read_to_string(out.join(format!("_delta_log/{v:020}.json"))).unwrap();
+        for line in json.lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(txn) = action["txn"].as_object() {
+                assert_eq!(txn["appId"], "verger");
+                txns.push(txn["version"].as_u64().unwrap());
+            }
+            if let Some(path) = action["add"]["path"].as_str() {
+                assert!(out.join(path).is_file(), "the log adds a missing {path}");
+            }
+        }
+    }
+    assert_eq!(
+        txns,
+        (0..version).collect::<Vec<_>>(),
+        "one epoch per version, consecutive"
+    );
+    let table = read_output(&out);
+    assert_eq!(by_key(table.rows).len(), SAMPLE_IMAGES);
+}
+
 /// SIGINT in the middle of a batch run: listing stops, the epochs in flight are committed, the
 /// exit code is 130 (partial: `verger run && train.py` must not go on), nothing is left
 /// behind; the next run does exactly the rest and exits 0.
@@ -111,18 +176,7 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
 fn sigint_mid_run_finishes_the_epochs_in_flight_and_a_rerun_does_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let sample = sample_dir();
-    let args = [
-        "run",
-        "--input",
-        sample.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "-w",
-        "2",
-        "--epoch-size",
-        "200",
-    ];
+    let args = whole_sample_args(&out);
     let verger = Verger::start(&args);
     verger.wait_for_line("epoch committed", Duration::from_secs(120));
     let interrupted = Command::new("kill")
@@ -168,6 +222,25 @@ fn sigint_mid_run_finishes_the_epochs_in_flight_and_a_rerun_does_the_rest() {
 
 /// `verger run` of the sample's keys under `prefix` into `out`, one worker, epochs of 20 images,
 /// at most `in_flight` of them in flight.
+/// `verger run` over the whole local sample into `out`, 2 workers, epochs of 200 images.
+fn whole_sample_args(out: &Path) -> Vec<String> {
+    let sample = sample_dir();
+    let (input, output) = (sample.to_str().unwrap(), out.to_str().unwrap());
+    [
+        "run",
+        "--input",
+        input,
+        "--output",
+        output,
+        "-w",
+        "2",
+        "--epoch-size",
+        "200",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn sample_run_args(out: &Path, prefix: &str, in_flight: &str) -> Vec<String> {
     let sample = sample_dir();
     [
@@ -226,9 +299,9 @@ fn sigterm_stops_releasing_in_the_middle_of_a_listing_page() {
     // Committed when the signal came (at least 1), at most 2 released behind it, the open
     // one, and the few committed between the line and the signal.
     assert!(
-        first.manifests.len() <= 8,
+        first.commits.len() <= 8,
         "{} epochs committed after SIGTERM: the rest of the page was released",
-        first.manifests.len()
+        first.commits.len()
     );
     assert!(first.rows.len() < 662);
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -99,7 +99,7 @@ fn one_worker_and_two_workers_give_the_same_rows() {
 }
 
 #[test]
-fn rerun_adds_nothing_and_a_lost_manifest_is_redone_exactly() {
+fn rerun_adds_nothing_and_a_lost_commit_is_redone_exactly() {
     let (_, out) = sample_output();
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("out");
@@ -112,23 +112,26 @@ fn rerun_adds_nothing_and_a_lost_manifest_is_redone_exactly() {
     assert_eq!(again.source.skipped as usize, SAMPLE_IMAGES);
     assert_eq!(read_output(&copy).rows.len(), SAMPLE_IMAGES);
 
-    // Lose the commit of epoch 2: its files become leftovers, its keys uncommitted.
-    let manifest_path = copy.join("_manifest/0000000002.json");
-    let manifest: verger::commit::Manifest =
-        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
-    std::fs::remove_file(&manifest_path).unwrap();
-    assert_eq!(
-        read_output(&copy).rows.len(),
-        SAMPLE_IMAGES - manifest.rows as usize
-    );
+    // Lose the last commit (its Delta version): its files become invisible leftovers, its
+    // keys uncommitted.
+    let table = read_output(&copy);
+    let lost = table.commits.last().unwrap().clone();
+    let version = table.version.unwrap();
+    std::fs::remove_file(copy.join(format!("_delta_log/{version:020}.json"))).unwrap();
+    let shrunk = read_output(&copy);
+    assert_eq!(shrunk.rows.len(), SAMPLE_IMAGES - lost.rows as usize);
+    assert_eq!(shrunk.version, Some(version - 1));
 
     let redo = run(&config(&sample_dir(), &copy, 2, 512));
+    assert_eq!(redo.embedded, lost.rows, "exactly the lost epoch is redone");
+    let table = read_output(&copy);
+    let epochs: Vec<u64> = table.commits.iter().map(|c| c.epoch).collect();
     assert_eq!(
-        redo.embedded, manifest.rows,
-        "exactly the lost epoch is redone"
+        epochs,
+        (0..epochs.len() as u64).collect::<Vec<_>>(),
+        "the redone epoch takes the lost one's number: txn versions stay consecutive"
     );
-    assert_eq!(redo.removed_leftovers, manifest.files.len());
-    let after = by_key(read_output(&copy).rows);
+    let after = by_key(table.rows);
     assert_eq!(after.len(), SAMPLE_IMAGES);
     for (key, row) in &after {
         assert!(
@@ -136,62 +139,71 @@ fn rerun_adds_nothing_and_a_lost_manifest_is_redone_exactly() {
             "{key}"
         );
     }
-    // Nothing on disk outside what manifests list (and the lease's lock file), and no staging
-    // leftovers.
-    let listed: HashSet<String> = read_manifests(&copy);
-    for key in files_under(&copy) {
+    // Every file the log adds exists; the lost epoch's files are still on disk, unlisted.
+    let listed: HashSet<String> = table_files(&copy);
+    let on_disk: HashSet<String> = files_under(&copy).into_iter().collect();
+    assert!(listed.is_subset(&on_disk));
+    for f in &lost.files {
         assert!(
-            key.starts_with("_manifest/") || key == "_lease.json" || listed.contains(&key),
-            "stray file {key}"
+            on_disk.contains(&f.key) && !listed.contains(&f.key),
+            "{}",
+            f.key
         );
     }
 }
 
-fn read_manifests(out: &std::path::Path) -> HashSet<String> {
-    let mut files = HashSet::new();
-    for entry in std::fs::read_dir(out.join("_manifest")).unwrap() {
-        let m: verger::commit::Manifest =
-            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
-        files.extend(m.files.into_iter().map(|f| f.key));
-    }
-    files
+/// The files of the output table's latest snapshot.
+fn table_files(out: &std::path::Path) -> HashSet<String> {
+    let store = verger::storage::local::LocalStore::open(out, false).unwrap();
+    let delta = verger::commit::DeltaOutput::of(&store, &Default::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let committed = rt
+        .block_on(verger::commit::Committed::load(&delta, &store))
+        .unwrap();
+    committed.files.into_iter().collect()
 }
 
 #[test]
-fn manifests_count_the_rows_of_their_files() {
+fn commits_count_the_rows_of_their_files() {
     let (_, out) = sample_output();
-    let mut per_file: HashMap<String, u64> = HashMap::new();
+    let table = read_output(out);
     let mut total = 0;
-    for entry in std::fs::read_dir(out.join("_manifest")).unwrap() {
-        let m: verger::commit::Manifest =
-            serde_json::from_slice(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
-        assert_eq!(m.rows, m.files.iter().map(|f| f.rows).sum::<u64>());
-        assert!(m.files.len() <= 2, "one data file per worker per epoch");
-        total += m.rows;
-        for f in m.files {
+    for c in &table.commits {
+        assert_eq!(c.rows, c.files.iter().map(|f| f.rows).sum::<u64>());
+        assert!(c.files.len() <= 2, "one data file per worker per epoch");
+        total += c.rows;
+        for f in &c.files {
             let bytes = std::fs::metadata(out.join(&f.key)).unwrap().len();
             assert_eq!(bytes, f.bytes, "{}", f.key);
-            per_file.insert(f.key, f.rows);
+            let stats: serde_json::Value = serde_json::from_str(&f.stats).unwrap();
+            assert_eq!(stats["numRecords"], f.rows, "{}", f.key);
+            assert_eq!(stats["minValues"]["epoch"], c.epoch, "{}", f.key);
         }
     }
     assert_eq!(total as usize, SAMPLE_IMAGES);
+    let listed: HashSet<String> = table
+        .commits
+        .iter()
+        .flat_map(|c| c.files.iter().map(|f| f.key.clone()))
+        .collect();
+    assert_eq!(
+        listed,
+        table_files(out),
+        "the snapshot is the committed files"
+    );
 }
 
-/// Every row and error record carries the epoch that committed it, so that external readers
-/// (DuckDB, pandas) find the latest row of a key without reading manifests.
+/// Every row and error record carries the epoch that committed it, as an int64 that every
+/// Delta reader has.
 #[test]
-fn every_row_carries_the_epoch_of_its_manifest() {
+fn every_row_carries_the_epoch_of_its_commit() {
     use arrow::array::AsArray;
-    use arrow::datatypes::UInt64Type;
+    use arrow::datatypes::Int64Type;
     let (_, out) = sample_output();
-    let store = verger::storage::local::LocalStore::open(out, false).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let committed = rt
-        .block_on(verger::commit::Committed::load(&store))
-        .unwrap();
+    let table = read_output(out);
     let mut rows = 0;
-    for manifest in &committed.manifests {
-        for file in &manifest.files {
+    for commit in &table.commits {
+        for file in &commit.files {
             let bytes = bytes::Bytes::from(std::fs::read(out.join(&file.key)).unwrap());
             let reader =
                 parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -203,12 +215,12 @@ fn every_row_carries_the_epoch_of_its_manifest() {
                 let epochs = batch
                     .column_by_name("epoch")
                     .unwrap_or_else(|| panic!("no epoch column in {}", file.key))
-                    .as_primitive::<UInt64Type>();
+                    .as_primitive::<Int64Type>();
                 assert!(
-                    epochs.values().iter().all(|&e| e == manifest.epoch),
+                    epochs.values().iter().all(|&e| e == commit.epoch as i64),
                     "{}: epochs other than {}",
                     file.key,
-                    manifest.epoch
+                    commit.epoch
                 );
                 rows += batch.num_rows();
             }

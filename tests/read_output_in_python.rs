@@ -1,5 +1,6 @@
-//! README's "Reading the output" snippets (pandas, DuckDB), run exactly as written on a real
-//! output: a data scientist's first contact with verger must work. The Python packages are
+//! README's "Reading the output" snippets (the `deltalake` package with pandas, Polars), run
+//! exactly as written on a real output: a data scientist's first contact with verger must work,
+//! with the readers their team already has. The Python packages are
 //! installed with pip when missing (`.ci/run` installs the same pinned versions).
 
 mod common;
@@ -7,30 +8,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::python::*;
 use common::*;
-
-/// The versions the snippets were written against.
-const PYTHON_PACKAGES: [&str; 3] = ["duckdb==2.0.1", "pandas==3.1.1", "pyarrow==26.0.1"];
-
-fn require_python_packages() {
-    let importable = || {
-        Command::new("python3")
-            .args(["-c", "import duckdb, numpy, pandas, pyarrow"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !importable() {
-        let _ = Command::new("python3")
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args(PYTHON_PACKAGES)
-            .status();
-    }
-    assert!(
-        importable(),
-        "python3 cannot import duckdb, pandas and pyarrow: pip install {}",
-        PYTHON_PACKAGES.join(" ")
-    );
-}
 
 /// The ```python blocks of README's section `heading`.
 fn readme_python_blocks(heading: &str) -> Vec<String> {
@@ -67,19 +46,7 @@ fn verger_run(input: &Path, output: &Path) {
 /// Runs a README snippet in `dir` (where its `features/` is), asserts it succeeds, returns
 /// what it printed.
 fn run_snippet(block: &str, dir: &Path) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(block)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "README snippet failed in {}:\n{block}\n--- stderr\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_python(block, dir)
 }
 
 #[test]
@@ -114,41 +81,53 @@ fn readme_snippets_read_the_latest_row_of_each_key_and_the_errors() {
     let table = read_output(&output);
     assert_eq!(table.rows.len(), keys.len() + 1, "one key has two rows");
 
-    let blocks = readme_python_blocks("## Reading the output (pandas, DuckDB)");
-    assert_eq!(blocks.len(), 2, "a pandas and a DuckDB snippet");
+    let blocks = readme_python_blocks(
+        "## Reading the output (Delta Lake: deltalake, Polars, DuckDB, Spark)",
+    );
+    assert_eq!(blocks.len(), 2, "a deltalake and a Polars snippet");
     let printed: Vec<String> = blocks.iter().map(|b| run_snippet(b, dir.path())).collect();
     let n = keys.len();
     assert!(
         printed[0].contains(&format!("({n}, 1280) float32 {} labels", labels.len())),
-        "pandas: one row per key, the latest: {}",
+        "deltalake: one row per key, the latest: {}",
         printed[0]
     );
-    let duck = &printed[1];
+    let polars = &printed[1];
     assert!(
-        duck.contains(&format!("{n} images, 1 error records")),
-        "duckdb: {duck}"
+        polars.contains(&format!("{n} images, 1 error records")),
+        "polars: {polars}"
     );
-    // The same snippets on an output with no error at all (no errors/ folder).
-    let clean = tempfile::tempdir().unwrap();
-    std::fs::remove_file(input.join(labels.first().unwrap()).join("notes.jpg")).unwrap();
-    verger_run(&input, &clean.path().join("features"));
-    for block in &blocks {
-        let stdout = run_snippet(block, clean.path());
-        if block.contains("duckdb") {
-            assert!(
-                stdout.contains(&format!("{n} images, 0 error records")),
-                "{stdout}"
-            );
-        }
-    }
     for label in &labels {
         let count = keys
             .iter()
             .filter(|k| k.starts_with(&format!("{label}/")))
             .count();
         assert!(
-            duck.contains(&format!("('{label}', {count})")),
-            "{label}: {duck}"
+            polars.contains(&format!("('{label}', {count})")),
+            "{label}: {polars}"
         );
     }
+    // Files of an epoch that never committed (what a killed run leaves) are invisible to
+    // both readers: a copy of a committed data file under a new name, not in the log.
+    let data = output.join("data");
+    let first = std::fs::read_dir(&data)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&first, data.join("e0000000099-w0000-killed.parquet")).unwrap();
+    assert_eq!(run_snippet(&blocks[0], dir.path()), printed[0]);
+    assert_eq!(&run_snippet(&blocks[1], dir.path()), polars);
+    // The same snippets on an output with no error at all.
+    let clean = tempfile::tempdir().unwrap();
+    std::fs::remove_file(input.join(labels.first().unwrap()).join("notes.jpg")).unwrap();
+    verger_run(&input, &clean.path().join("features"));
+    let stdout = run_snippet(&blocks[1], clean.path());
+    assert!(
+        stdout.contains(&format!("{n} images, 0 error records")),
+        "{stdout}"
+    );
+    let stdout = run_snippet(&blocks[0], clean.path());
+    assert!(stdout.contains(&format!("({n}, 1280) float32")), "{stdout}");
 }

@@ -173,7 +173,7 @@ fn run_with_a_head_predicts_every_row_and_refuses_another_models_head() {
             && stderr.contains("this run computes efficientnet-lite1"),
         "{stderr}"
     );
-    assert!(!dir.path().join("lite1/_manifest").exists());
+    assert!(!dir.path().join("lite1/_delta_log").exists());
 }
 
 /// Chromium, as Debian installs it.
@@ -236,7 +236,7 @@ fn the_report_renders_in_a_headless_browser() {
         let outside = page.replace("http://www.w3.org/2000/svg", "");
         assert!(!outside.contains(external), "the page loads {external}");
     }
-    let epochs = read_output(sample_output()).manifests.len();
+    let epochs = read_output(sample_output()).commits.len();
     assert!(epochs >= 2);
 
     let profile = dir.path().join("profile");
@@ -253,7 +253,7 @@ fn the_report_renders_in_a_headless_browser() {
     assert_eq!(count("cell"), 16, "a 4x4 confusion matrix");
     assert_eq!(count("epoch"), epochs, "one point per committed epoch");
     let runs = read_output(sample_output())
-        .manifests
+        .commits
         .iter()
         .map(|m| m.run.clone())
         .collect::<std::collections::HashSet<_>>()

@@ -61,6 +61,10 @@ pub enum Command {
     Inspect {
         /// The output of a run: a directory or s3://bucket/prefix.
         output: String,
+        /// Read the table as of this Delta version (time travel; `verger inspect` prints
+        /// the latest).
+        #[arg(long = "version", value_name = "N")]
+        version: Option<u64>,
         #[command(flatten)]
         store: StoreArgs,
         #[command(flatten)]
@@ -83,6 +87,10 @@ pub enum Command {
         /// Rows drawn on the PCA map at most (a sample fixed by the keys).
         #[arg(long, default_value_t = 2000, value_parser = at_least_one)]
         max_points: usize,
+        /// Read the table as of this Delta version (time travel; `verger inspect` prints
+        /// the latest).
+        #[arg(long = "version", value_name = "N")]
+        version: Option<u64>,
         #[command(flatten)]
         store: StoreArgs,
         #[command(flatten)]
@@ -99,6 +107,9 @@ pub struct TrainArgs {
     /// Directory to save the head into (created if missing).
     #[arg(long)]
     pub output: PathBuf,
+    /// Learn from the table as of this Delta version (time travel).
+    #[arg(long = "version", value_name = "N")]
+    pub version: Option<u64>,
     #[command(flatten)]
     pub splits: SplitArgs,
     /// Units of one hidden layer (ReLU); without it the head is softmax regression.

@@ -32,7 +32,7 @@ pub fn demo(out: &mut dyn Write, args: &DemoArgs) -> Result<Ending> {
     if ending == Ending::Done {
         inspect(
             out,
-            &path_str(&output)?,
+            (&path_str(&output)?, None),
             &args.engine.store,
             &Splits::default(),
         )?;

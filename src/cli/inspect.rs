@@ -1,4 +1,4 @@
-//! `verger inspect`: what an output holds, read through its manifests.
+//! `verger inspect`: what an output holds, read through its Delta table's snapshot.
 
 use std::io::Write;
 
@@ -11,26 +11,27 @@ use super::args::StoreArgs;
 /// output has keys of both `splits`.
 pub fn inspect(
     out: &mut dyn Write,
-    output: &str,
+    (output, version): (&str, Option<u64>),
     store: &StoreArgs,
     splits: &Splits,
 ) -> Result<()> {
-    let table = super::read_committed(output, store, "output")?;
+    let table = super::read_committed(output, store, "output", version)?;
     let latest: Vec<_> = table.latest_rows().into_iter().cloned().collect();
     let errors = table.current_errors();
     writeln!(
         out,
-        "{output}: {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records ({} superseded by a successful retry)",
-        table.manifests.len(),
+        "{output}: Delta version {}, {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records ({} superseded by a successful retry)",
+        table.version.unwrap_or_default(),
+        table.commits.len(),
         table.rows.len(),
         latest.len(),
         table.rows.len() - latest.len(),
         errors.len(),
         table.errors.len() - errors.len()
     )?;
-    // How the rows were made: model and derivation of the last epoch (an output refuses a run
-    // with others), and the extra columns of a label pattern.
-    if let Some(last) = table.manifests.last() {
+    // How the rows were made: model and derivation in the table's metadata (an output refuses
+    // a run with others), and the extra columns of a label pattern.
+    if let Some(last) = &table.identity {
         let derivation = match last.derivation.as_str() {
             "" => String::new(),
             d => format!(", {d}"),

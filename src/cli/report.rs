@@ -14,7 +14,7 @@ use verger::evaluate::Splits;
 /// head's folder that `verger train` wrote it into).
 pub fn report(
     out: &mut dyn Write,
-    (output, html): (&str, &Path),
+    (output, version, html): (&str, Option<u64>, &Path),
     store: &StoreArgs,
     metrics: Option<&Path>,
     (max_points, splits): (usize, &Splits),
@@ -32,7 +32,7 @@ pub fn report(
             )
         }
     };
-    let table = super::read_committed(output, store, "input")?;
+    let table = super::read_committed(output, store, "input", version)?;
     let options = ReportOptions {
         title: output.to_string(),
         max_points,

@@ -14,13 +14,17 @@ use super::args::StoreArgs;
 /// scores and saves the head (with `metrics.json`) into `head_dir`.
 pub fn train(
     out: &mut dyn Write,
-    (output, head_dir): (&str, &Path),
+    (output, version, head_dir): (&str, Option<u64>, &Path),
     store: &StoreArgs,
     splits: &Splits,
     config: &TrainConfig,
 ) -> Result<()> {
-    let table = super::read_committed(output, store, "input")?;
-    let Some(last) = table.manifests.last() else {
+    let table = super::read_committed(output, store, "input", version)?;
+    let Some(last) = table
+        .identity
+        .as_ref()
+        .filter(|_| !table.commits.is_empty())
+    else {
         bail!("{output} has no committed epoch: run `verger run --output {output}` first");
     };
     let (model, weights_sha256) = (last.model.clone(), last.weights_sha256.clone());

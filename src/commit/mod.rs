@@ -1,16 +1,17 @@
-//! The commit protocol: an epoch counts once its manifest is written, and the manifest is
-//! written only after every worker has published its files of the epoch.
+//! The commit protocol: an epoch counts once the Delta version that adds its files is
+//! committed, and that version is committed only after every worker has published its files
+//! of the epoch.
 //!
-//! - [`manifest`]: the output's file names, the manifest of an epoch, and what earlier runs
-//!   committed ([`Committed`]: load it, remove what uncommitted epochs left).
+//! - [`delta`]: the output's Delta table: file names, the commit of an epoch (with its
+//!   `txn` action), and what earlier runs committed ([`Committed`]).
 //! - [`stage`]: the dataflow's last stage. Every worker's published files go to worker 0,
-//!   which gathers an epoch until its frontier passes, writes the manifest, and reports the
+//!   which gathers an epoch until its frontier passes, commits it, and reports the
 //!   committed epoch back to the source through a [`CommitFeed`] the source owns.
 //!
 //! A committed epoch is never redone; an uncommitted one (a crash, a kill, a failed write) is
 //! redone by later runs until it commits.
 
-pub mod manifest;
+pub mod delta;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -21,14 +22,15 @@ use timely::dataflow::StreamVec;
 use crate::error::StageError;
 use crate::operators::{async_map, fold_epochs, StageContext};
 use crate::record::{Epoch, FileKind, Published, RowId, WorkerFailed};
-use crate::storage::ObjectStore;
-pub use manifest::{CommitError, Committed, CommittedEpoch, Manifest, MANIFEST_PREFIX};
+pub use delta::{
+    CommitError, Committed, CommittedEpoch, DeltaOutput, EpochCommit, Identity, LOG_PREFIX,
+};
 
 /// What the commit stage tells the source about one committed epoch.
 #[derive(Clone, Debug)]
 pub struct CommitReport {
-    /// The epoch's manifest (its row and error counts).
-    pub manifest: Manifest,
+    /// The epoch's commit record (its row and error counts).
+    pub commit: EpochCommit,
     /// Its embedding rows (for the per-label counts).
     pub rows: Vec<RowId>,
     /// Its failed reads (for watch mode to list again).
@@ -59,27 +61,27 @@ pub fn channel() -> (CommitReports, CommitFeed) {
 
 /// What the commit stage needs besides its input.
 pub struct CommitSettings {
-    /// The output store.
-    pub store: Arc<dyn ObjectStore>,
-    /// This run's id, written into every manifest.
+    /// The output's Delta table.
+    pub output: DeltaOutput,
+    /// This run's id, written into every commit record.
     pub run: String,
-    /// The model's name, written into every manifest.
+    /// The model's name, written into every commit record.
     pub model: String,
-    /// The SHA-256 of its weights, written into every manifest.
+    /// The SHA-256 of its weights, written into every commit record.
     pub weights_sha256: String,
     /// How rows are derived from objects besides the model
-    /// ([`crate::decode::DecodeSettings::derivation`]), written into every manifest.
+    /// ([`crate::decode::DecodeSettings::derivation`]), written into every commit record.
     pub derivation: String,
     /// Set when the output's lease is lost: from then on nothing is committed.
     pub lease_lost: Arc<AtomicBool>,
     /// Where committed epochs are reported.
     pub reports: CommitReports,
-    /// When the run started (ms since the Unix epoch), written into every manifest.
+    /// When the run started (ms since the Unix epoch), written into every commit record.
     pub run_started_ms: u64,
 }
 
-/// The commit stage: gathers every worker's published files on worker 0, writes each
-/// epoch's manifest once the epoch is finished everywhere, and reports it. An epoch in which
+/// The commit stage: gathers every worker's published files on worker 0, commits each
+/// epoch's Delta version once the epoch is finished everywhere, and reports it. An epoch in which
 /// a worker failed is not committed. Its output is the committed epochs, for a probe.
 pub fn stage<'s>(
     published: StreamVec<'s, Epoch, Result<Published, WorkerFailed>>,
@@ -87,7 +89,7 @@ pub fn stage<'s>(
     settings: CommitSettings,
 ) -> StreamVec<'s, Epoch, Option<CommittedEpoch>> {
     let CommitSettings {
-        store,
+        output,
         run,
         model,
         weights_sha256,
@@ -124,12 +126,14 @@ pub fn stage<'s>(
         },
     );
     let (ctx_in, metrics) = (ctx.clone(), ctx.metrics.clone());
+    let table = Arc::new(tokio::sync::Mutex::new(None));
     async_map(epochs, "Commit", ctx, 1, None, move |epoch| {
-        commit(store.clone(), epoch, ctx_in.clone(), lease_lost.clone())
+        let target = (output.clone(), table.clone());
+        commit(target, epoch, ctx_in.clone(), lease_lost.clone())
     })
     .inspect(move |committed: &Option<CommittedEpoch>| {
         let Some(c) = committed else { return };
-        let m = &c.manifest;
+        let m = &c.commit;
         metrics.committed.inc_by(m.rows + m.errors);
         metrics.epochs_committed.inc();
         tracing::info!(
@@ -140,14 +144,14 @@ pub fn stage<'s>(
         );
         // The source may be gone already (a failing run): nothing left to tell.
         let _ = reports.0.send(CommitReport {
-            manifest: m.clone(),
+            commit: m.clone(),
             rows: c.rows.clone(),
             failed_reads: c.failed_reads.clone(),
         });
     })
 }
 
-/// The manifest of `epoch` from every worker's published files.
+/// The commit of `epoch` from every worker's published files.
 fn gather(
     epoch: Epoch,
     published: Vec<Published>,
@@ -171,7 +175,7 @@ fn gather(
             .map(|f| f.rows)
             .sum()
     };
-    let manifest = Manifest {
+    let commit = EpochCommit {
         epoch,
         run: run.to_string(),
         model: model.to_string(),
@@ -184,7 +188,7 @@ fn gather(
         committed_ms: Some(unix_ms(std::time::SystemTime::now())),
     };
     CommittedEpoch {
-        manifest,
+        commit,
         rows,
         failed_reads,
     }
@@ -196,29 +200,31 @@ pub fn unix_ms(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Writes the manifest, unless the lease is lost or the run is failing.
+/// Commits the epoch's Delta version, unless the lease is lost or the run is failing. The
+/// table is opened at the first commit and kept, up to date, for the next ones.
 async fn commit(
-    store: Arc<dyn ObjectStore>,
+    (output, table): (
+        DeltaOutput,
+        Arc<tokio::sync::Mutex<Option<deltalake_core::DeltaTable>>>,
+    ),
     epoch: CommittedEpoch,
     ctx: StageContext,
     lease_lost: Arc<AtomicBool>,
 ) -> Option<CommittedEpoch> {
-    let e = epoch.manifest.epoch;
+    let e = epoch.commit.epoch;
     if lease_lost.load(Ordering::Acquire) {
         ctx.fatal.set(StageError::LeaseLost {
             epoch: e,
-            location: store.location(),
+            location: output.location().to_string(),
         });
         return None;
     }
     if ctx.fatal.is_set() {
         return None; // the run is failing, for a reason already recorded
     }
-    match ctx
-        .metrics
-        .request(epoch.manifest.write(store.as_ref()))
-        .await
-    {
+    let mut table = table.lock().await;
+    let committed = output.commit(&mut table, &epoch.commit);
+    match ctx.metrics.request(committed).await {
         Ok(()) => Some(epoch),
         Err(source) => {
             ctx.fatal.set(StageError::Commit { epoch: e, source });

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use timely::{CommunicationConfig, WorkerConfig};
 
 use crate::cluster::{self, Cluster, ConnectWatchdog};
-use crate::commit::{CommitError, Committed, MANIFEST_PREFIX};
+use crate::commit::delta::OLD_MANIFEST_PREFIX;
+use crate::commit::{CommitError, Committed, DeltaOutput, Identity, LOG_PREFIX};
 use crate::embed::Embedder;
 use crate::error::{Fatal, StageError};
 use crate::head::{HeadError, SavedHead};
@@ -144,32 +145,28 @@ pub enum RunError {
     Lease(#[from] LeaseError),
     /// The output holds another model's features.
     #[error(
-        "the output {output} holds features of {committed} (epoch {epoch}); this run computes \
-         {model}: give it its own output (features of two models are not comparable)"
+        "the output {output} holds features of {committed}; this run computes {model}: give it \
+         its own output (features of two models are not comparable)"
     )]
     OtherModel {
         /// The output.
         output: String,
-        /// The model (and weights) of its committed epoch.
+        /// The model (and weights) of its table.
         committed: String,
-        /// Its epoch.
-        epoch: Epoch,
         /// This run's model (and weights).
         model: String,
     },
     /// The output's rows were derived with another orientation or label rule.
     #[error(
-        "the output {output} holds rows made with {committed} (epoch {epoch}); this run asks for \
-         {asked}: its committed rows would keep the old labels and pixels, so give it its own \
-         output (or the same --orientation / --label / --label-pattern)"
+        "the output {output} holds rows made with {committed}; this run asks for {asked}: its \
+         committed rows would keep the old labels and pixels, so give it its own output (or the \
+         same --orientation / --label / --label-pattern)"
     )]
     OtherDerivation {
         /// The output.
         output: String,
-        /// The derivation of its committed epoch.
+        /// The derivation of its table.
         committed: String,
-        /// Its epoch.
-        epoch: Epoch,
         /// This run's.
         asked: String,
     },
@@ -217,7 +214,9 @@ pub struct Summary {
     pub epochs: u64,
     /// What the source saw.
     pub source: SourceStats,
-    /// Leftover files of uncommitted epochs removed at start.
+    /// Partial writes of killed runs removed at start (open multipart uploads, temporary
+    /// and staging files). Whole files of uncommitted epochs are left: the table's log never
+    /// adds them, so no reader sees them.
     pub removed_leftovers: usize,
     /// Wall time.
     pub seconds: f64,
@@ -272,8 +271,15 @@ pub fn nested_prefix(input: &dyn ObjectStore, output: &dyn ObjectStore) -> Optio
     })
 }
 
-/// What verger writes at the root of an output: manifests, data and error files, the lease.
-const OUTPUT_LAYOUT: [&str; 4] = [MANIFEST_PREFIX, "data/", "errors/", LEASE_KEY];
+/// What verger writes at the root of an output: the Delta log, data and error files, the
+/// lease; and the manifests of its earlier layout (refused with their own error).
+const OUTPUT_LAYOUT: [&str; 5] = [
+    LOG_PREFIX,
+    "data/",
+    "errors/",
+    LEASE_KEY,
+    OLD_MANIFEST_PREFIX,
+];
 
 /// Whether `key`, relative to an output, is something verger writes there ([`OUTPUT_LAYOUT`]).
 pub fn is_output_key(key: &str) -> bool {
@@ -326,6 +332,11 @@ pub(super) fn prepare_and_run(
         }
         None => {}
     }
+    // What the output holds, before anything is written there: verger's table, or nothing yet.
+    let delta = DeltaOutput::of(output.as_ref(), &config.store).map_err(RunError::Resume)?;
+    runtime
+        .block_on(delta.check(output.as_ref()))
+        .map_err(RunError::Resume)?;
     if let Some(key) = runtime
         .block_on(foreign_key(output.as_ref()))
         .map_err(RunError::ListOutput)?
@@ -359,6 +370,45 @@ pub(super) fn prepare_and_run(
     result
 }
 
+/// Removes what killed runs left half-written: multipart uploads still open, hidden
+/// temporary files, the output's local staging folder. Only the holder of the output's lease
+/// may call it. Returns how many uploads and temporary files were removed.
+async fn remove_partial_writes(
+    output: &dyn ObjectStore,
+) -> Result<usize, crate::storage::StorageError> {
+    let partial = output.remove_partial_writes().await?;
+    let staging = output.staging_dir();
+    if staging.exists() {
+        tracing::info!(dir = %staging.display(), "removing staging files of killed runs");
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    Ok(partial)
+}
+
+/// Refuses a run whose rows would not be comparable with the table's: another model or
+/// weights, another orientation or label rule.
+fn check_identity(table: &Identity, run: &Identity, output: String) -> Result<(), RunError> {
+    if table.model != run.model || table.weights_sha256 != run.weights_sha256 {
+        let described = |model: &str, sha: &str| match sha.get(..12) {
+            Some(short) => format!("{model} (weights {short})"),
+            None => model.to_string(),
+        };
+        return Err(RunError::OtherModel {
+            output,
+            committed: described(&table.model, &table.weights_sha256),
+            model: described(&run.model, &run.weights_sha256),
+        });
+    }
+    if table.derivation != run.derivation || table.columns != run.columns {
+        return Err(RunError::OtherDerivation {
+            output,
+            committed: table.derivation.clone(),
+            asked: run.derivation.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Everything the workers of one process share.
 pub(super) struct Job {
     /// The run's settings (the key filter adjusted for an output inside the input).
@@ -367,11 +417,13 @@ pub(super) struct Job {
     pub embedder: Embedder,
     /// Where images are read.
     pub input: Arc<dyn ObjectStore>,
-    /// Where Parquet and manifests go.
+    /// Where Parquet files go.
     pub output: Arc<dyn ObjectStore>,
+    /// The output's Delta table, which commits them.
+    pub delta: DeltaOutput,
     /// Runtime, metrics, clock and fatal slot, for every stage.
     pub context: StageContext,
-    /// This run's id (file names, manifests).
+    /// This run's id (file names, commit records).
     pub run_id: String,
     /// Where this process stages its files.
     pub staging: PathBuf,
@@ -406,8 +458,8 @@ pub(super) struct WorkerReport {
 }
 
 /// The run once the lease (if this process needs one) is held: loads the committed state,
-/// removes what uncommitted epochs left (process 0, before any peer can write), runs the
-/// dataflow and sums up.
+/// creates the output's table if it has none (process 0, before any peer can commit), runs
+/// the dataflow and sums up.
 fn resume_and_run(
     config: RunConfig,
     embedder: Embedder,
@@ -419,44 +471,42 @@ fn resume_and_run(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     let _ = config.metrics.run_started.set(started);
+    let delta = DeltaOutput::of(output.as_ref(), &config.store).map_err(RunError::Resume)?;
     let committed = runtime
-        .block_on(Committed::load(output.as_ref()))
+        .block_on(Committed::load(&delta, output.as_ref()))
         .map_err(RunError::Resume)?;
     let (model, weights) = (&embedder.spec().name, embedder.weights_sha256());
     if let Some(head) = &config.head {
         head.check_model(model, weights)?;
     }
-    if let Some(other) = committed.other_model(model, weights) {
-        let described = |model: &str, sha: &str| match sha.get(..12) {
-            Some(short) => format!("{model} (weights {short})"),
-            None => model.to_string(),
-        };
-        return Err(RunError::OtherModel {
-            output: output.location(),
-            committed: described(&other.model, &other.weights_sha256),
-            epoch: other.epoch,
-            model: described(model, weights),
-        });
-    }
-    let derivation = config.decoding(embedder.spec().input_size).derivation();
-    if let Some(other) = committed.other_derivation(&derivation) {
-        return Err(RunError::OtherDerivation {
-            output: output.location(),
-            committed: other.derivation.clone(),
-            epoch: other.epoch,
-            asked: derivation,
-        });
+    let decoding = config.decoding(embedder.spec().input_size);
+    let identity = Identity {
+        model: model.clone(),
+        weights_sha256: weights.to_string(),
+        derivation: decoding.derivation(),
+        columns: config.labels.columns().to_vec(),
+    };
+    match &committed.identity {
+        Some(table) => check_identity(table, &identity, output.location())?,
+        // Process 0 makes the table, before any peer can commit.
+        None if lease.is_some() => {
+            runtime
+                .block_on(delta.create(&identity))
+                .map_err(RunError::Resume)?;
+        }
+        None => {}
     }
     let removed_leftovers = match lease.is_some() {
         true => runtime
-            .block_on(committed.remove_uncommitted(output.as_ref()))
-            .map_err(RunError::Resume)?,
+            .block_on(remove_partial_writes(output.as_ref()))
+            .map_err(|e| RunError::Resume(e.into()))?,
         false => 0,
     };
     tracing::info!(
-        committed_epochs = committed.manifests.len(),
-        committed_rows = committed.rows.len(),
+        committed_epochs = committed.last_epoch.map_or(0, |e| e + 1),
         removed_leftovers,
+        committed_rows = committed.rows.len(),
+        version = committed.version,
         "output state loaded"
     );
     let context = StageContext {
@@ -498,6 +548,7 @@ fn resume_and_run(
         embedder,
         input,
         output: output.clone(),
+        delta,
         context: context.clone(),
         run_id,
         watchdog: watchdog.clone(),

@@ -5,13 +5,13 @@
 //! worker 0: source::stream ──exchange(route(key))──▶ fetch::stage (async reads, gated)
 //!   ──▶ decode::stage (decode + resize + label, paced) ──▶ embed::stage (batches)
 //!   ──▶ sink::stage (Parquet per worker per epoch, then publish) ──exchange(worker 0)──▶
-//!   commit::stage (gather the epoch, write its manifest) ──▶ probe ─┐
+//!   commit::stage (gather the epoch, commit its Delta version) ──▶ probe ─┐
 //!   ▲                                                                │
 //!   └── the source releases a new epoch only while few are unfinished┘  (CommitFeed: what committed)
 //! ```
 //!
-//! Around it (`job.rs`): process 0 takes the output's lease ([`crate::sink::lease::Lease`]),
-//! then removes what uncommitted epochs left; the first failure of any stage goes to one
+//! Around it (`job.rs`): process 0 takes the output's lease ([`crate::sink::lease::Lease`])
+//! and creates the output's Delta table if it has none; the first failure of any stage goes to one
 //! [`crate::error::Fatal`] slot, after which the stages drop their work and the run fails with
 //! that error.
 
@@ -113,7 +113,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         );
         let published = sink::stage(outcomes, ctx, naming.clone(), job.output.clone());
         let settings = CommitSettings {
-            store: job.output.clone(),
+            output: job.delta.clone(),
             run: job.run_id.clone(),
             model: naming.model.clone(),
             weights_sha256: job.embedder.weights_sha256().to_string(),

@@ -5,16 +5,17 @@
 //! Output layout (keys in the output store):
 //!
 //! ```text
-//! data/e<epoch>-w<worker>-<run>.parquet     embeddings: key, label, width, height, embedding, model, etag, epoch
-//! errors/e<epoch>-w<worker>-<run>.parquet   error records: key, stage, reason, model, etag, epoch
-//! _manifest/<epoch>.json                    the commit: files of the epoch with row counts
+//! data/e<epoch>-w<worker>-<run>.parquet     embedding rows (the table's columns, crate::table)
+//! errors/e<epoch>-w<worker>-<run>.parquet   error records (the same columns, no embedding)
+//! _delta_log/<version>.json                 the Delta log: one version commits one epoch
 //! ```
 //!
 //! Each worker writes at most one data and one errors file per epoch, so a file holds about
 //! `epoch size / workers` rows (2,048 keys per epoch and 2 workers: ~1,024 rows, ~5 MiB).
 //! A file is written under a staging name and appears under its final key in one atomic step;
-//! an epoch counts only once its manifest exists, and the manifest is written only after
-//! every worker has finished the epoch. Readers go through the manifests ([`reader`]).
+//! it is part of the table only once the Delta version of its epoch adds it, and that
+//! version is committed only after every worker has finished the epoch. Readers go through
+//! the table's snapshot ([`reader`]).
 
 pub mod lease;
 pub mod reader;
@@ -118,6 +119,7 @@ async fn publish(
                     kind: staged.kind,
                     rows: staged.rows,
                     bytes,
+                    stats: staged.stats,
                 },
                 rows: staged.ids,
             })

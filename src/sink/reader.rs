@@ -1,10 +1,11 @@
-//! Reading committed output back: only what manifests list, so a reader never sees a file
-//! of an epoch that did not commit.
+//! Reading committed output back: the files of the Delta table's snapshot, so a reader never
+//! sees a file of an epoch that did not commit.
 
-use crate::commit::{CommitError, Committed};
-use crate::record::{Embedded, Failure, FileKind};
+use crate::commit::delta::{epoch_commits, identity_of, refuse_old_layout, table_files};
+use crate::commit::{CommitError, DeltaOutput, EpochCommit, Identity};
+use crate::record::{Embedded, Failure};
 use crate::storage::ObjectStore;
-use crate::table::{decode_errors, decode_rows, read_batches};
+use crate::table::{decode_records, read_batches};
 
 /// The committed content of an output: embedding rows and error records.
 #[derive(Debug, Default)]
@@ -18,8 +19,12 @@ pub struct Table {
     pub errors: Vec<Failure>,
     /// The epoch of each error record (`errors[i]` was committed in `error_epochs[i]`).
     pub error_epochs: Vec<crate::record::Epoch>,
-    /// The manifests, by epoch: one per committed epoch.
-    pub manifests: Vec<crate::commit::Manifest>,
+    /// The commit records, by epoch: one per committed epoch.
+    pub commits: Vec<EpochCommit>,
+    /// What computed the rows (`None`: the output has no table).
+    pub identity: Option<Identity>,
+    /// The Delta version read.
+    pub version: Option<u64>,
 }
 
 impl Table {
@@ -68,35 +73,46 @@ impl Table {
     }
 }
 
-/// Everything committed in `store`.
-pub async fn read_table(store: &dyn ObjectStore) -> Result<Table, CommitError> {
-    let committed = Committed::load(store).await?;
-    let mut table = Table::default();
-    for manifest in &committed.manifests {
-        let epoch = manifest.epoch;
-        for file in &manifest.files {
-            for batch in read_batches(store, &file.key, None).await? {
-                match file.kind {
-                    FileKind::Data => {
-                        let rows = decode_rows(&batch, &file.key)?;
-                        table
-                            .row_epochs
-                            .extend(std::iter::repeat_n(epoch, rows.len()));
-                        table.rows.extend(rows);
-                    }
-                    FileKind::Errors => {
-                        let errors = decode_errors(&batch, &file.key)?;
-                        table
-                            .error_epochs
-                            .extend(std::iter::repeat_n(epoch, errors.len()));
-                        table.errors.extend(errors);
-                    }
-                }
-            }
+/// Everything committed in the output `store` whose table is `delta`: its latest snapshot,
+/// or the snapshot of Delta version `version` (time travel).
+pub async fn read_table(
+    store: &dyn ObjectStore,
+    delta: &DeltaOutput,
+    version: Option<u64>,
+) -> Result<Table, CommitError> {
+    refuse_old_layout(delta, store).await?;
+    let Some(table) = delta.open(version).await? else {
+        return Ok(Table::default());
+    };
+    let mut out = Table {
+        identity: Some(identity_of(delta, &table)?),
+        version: table.version(),
+        commits: epoch_commits(&table).await?,
+        ..Table::default()
+    };
+    // The history is the whole log's: keep the epochs of the version read.
+    let last = delta.txn_version(&table).await?;
+    out.commits
+        .retain(|c| last.is_some_and(|last| c.epoch as i64 <= last));
+    let mut files = table_files(delta, &table)?;
+    files.sort();
+    let mut records = Vec::new();
+    for file in &files {
+        for batch in read_batches(store, file, None).await? {
+            records.push(decode_records(&batch, file)?);
         }
     }
-    table.manifests = committed.manifests;
-    Ok(table)
+    // Commit order: by epoch, then the file's order.
+    let mut rows: Vec<_> = records.iter_mut().flat_map(|r| r.rows.drain(..)).collect();
+    let mut errors: Vec<_> = records
+        .iter_mut()
+        .flat_map(|r| r.errors.drain(..))
+        .collect();
+    rows.sort_by_key(|(epoch, _)| *epoch);
+    errors.sort_by_key(|(epoch, _)| *epoch);
+    (out.row_epochs, out.rows) = rows.into_iter().unzip();
+    (out.error_epochs, out.errors) = errors.into_iter().unzip();
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -144,7 +160,7 @@ mod tests {
                 error("never", "Z"),
             ],
             error_epochs: vec![1, 2, 2, 1],
-            manifests: Vec::new(),
+            ..Table::default()
         };
         let current: Vec<(&str, &str)> = table
             .current_errors()

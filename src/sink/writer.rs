@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use parquet::arrow::ArrowWriter;
 
-use crate::commit::manifest::file_key;
+use crate::commit::delta::file_key;
 pub use crate::error::SinkError;
 use crate::metrics::Metrics;
 use crate::record::{Embedded, Epoch, Failure, FileKind, Outcome, RowId, Stage};
@@ -30,6 +30,8 @@ pub struct StagedFile {
     pub kind: FileKind,
     /// Rows written.
     pub rows: u64,
+    /// Its Delta statistics (JSON), for the Add action that commits it.
+    pub stats: String,
     /// The rows of a data file, for the incremental per-label counts; for an errors file,
     /// the versions whose read failed (stage `fetch`), which watch mode retries.
     pub ids: Vec<RowId>,
@@ -65,6 +67,7 @@ struct TableWriter<R> {
     pending: Vec<R>,
     rows: u64,
     ids: Vec<RowId>,
+    stats: table::FileStats,
 }
 
 impl<R> TableWriter<R> {
@@ -88,6 +91,7 @@ impl<R> TableWriter<R> {
             pending: Vec::new(),
             rows: 0,
             ids: Vec::new(),
+            stats: table::FileStats::default(),
         })
     }
 
@@ -128,6 +132,7 @@ impl<R> TableWriter<R> {
             key: self.key,
             kind,
             rows: self.rows,
+            stats: self.stats.to_json(self.epoch),
             ids: self.ids,
         })
     }
@@ -165,10 +170,11 @@ impl EpochWriter {
                         &self.naming,
                         FileKind::Data,
                         self.epoch,
-                        table::embeddings_schema(&self.naming.columns),
+                        table::table_schema(&self.naming.columns),
                     )?);
                 }
                 let w = self.data.as_mut().expect("just created");
+                w.stats.observe(&row.key, row.label.as_deref(), None);
                 w.ids.push(RowId {
                     key: row.key.clone(),
                     etag: row.etag.clone(),
@@ -184,7 +190,7 @@ impl EpochWriter {
                         &self.naming,
                         FileKind::Errors,
                         self.epoch,
-                        table::errors_schema(),
+                        table::table_schema(&self.naming.columns),
                     )?);
                 }
                 tracing::info!(
@@ -195,6 +201,7 @@ impl EpochWriter {
                 );
                 self.metrics.failed.inc();
                 let w = self.errors.as_mut().expect("just created");
+                w.stats.observe(&failure.key, None, Some(failure.stage));
                 if failure.stage == Stage::Fetch {
                     w.ids.push(RowId {
                         key: failure.key.clone(),
@@ -202,7 +209,9 @@ impl EpochWriter {
                         label: None,
                     });
                 }
-                w.push(failure, |rows| table::errors_batch(rows, &model, epoch))
+                w.push(failure, |rows| {
+                    table::errors_batch(rows, &model, epoch, &naming.columns)
+                })
             }
             Outcome::Vanished => Ok(()),
         }
@@ -219,7 +228,7 @@ impl EpochWriter {
         }
         if let Some(w) = self.errors {
             files.push(w.finish(FileKind::Errors, |rows| {
-                table::errors_batch(rows, &model, epoch)
+                table::errors_batch(rows, &model, epoch, &self.naming.columns)
             })?);
         }
         Ok(files)

@@ -550,7 +550,7 @@ impl LocalStore {
     fn remove_temporaries_sync(&self) -> Result<usize, StorageError> {
         let mut removed = 0;
         // Only where verger writes: the output root may hold other things.
-        let mut dirs: Vec<PathBuf> = ["_manifest", "data", "errors"]
+        let mut dirs: Vec<PathBuf> = ["data", "errors"]
             .iter()
             .map(|d| self.root.join(d))
             .filter(|d| d.is_dir())
@@ -878,25 +878,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path(), false).unwrap();
         store
-            .put_new("_manifest/1.json", Bytes::from_static(b"first"))
+            .put_new("errors/1.json", Bytes::from_static(b"first"))
             .await
             .unwrap();
         let again = store
-            .put_new("_manifest/1.json", Bytes::from_static(b"second"))
+            .put_new("errors/1.json", Bytes::from_static(b"second"))
             .await;
         assert!(
             matches!(again, Err(StorageError::Exists { .. })),
             "{again:?}"
         );
-        assert_eq!(&store.get("_manifest/1.json").await.unwrap()[..], b"first");
+        assert_eq!(&store.get("errors/1.json").await.unwrap()[..], b"first");
         // What a writer killed between write and rename leaves (hidden, so never listed).
-        touch(dir.path(), "_manifest/.0000000002.json.18a2b.4242.tmp");
+        touch(dir.path(), "errors/.0000000002.json.18a2b.4242.tmp");
         touch(dir.path(), "data/.e0-w0-r.parquet.18a2b.4242.tmp");
         touch(dir.path(), "data/e0-w0-r.parquet");
         assert_eq!(store.remove_partial_writes().await.unwrap(), 2);
         let mut left: Vec<_> = std::fs::read_dir(dir.path().join("data"))
             .unwrap()
-            .chain(std::fs::read_dir(dir.path().join("_manifest")).unwrap())
+            .chain(std::fs::read_dir(dir.path().join("errors")).unwrap())
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();

@@ -150,7 +150,8 @@ pub fn read_location(location: &str, options: &verger::storage::StoreOptions) ->
         let store = verger::storage::open(location, false, options)
             .await
             .unwrap();
-        verger::sink::reader::read_table(store.as_ref())
+        let delta = verger::commit::DeltaOutput::of(store.as_ref(), options).unwrap();
+        verger::sink::reader::read_table(store.as_ref(), &delta, None)
             .await
             .unwrap()
     })
@@ -199,6 +200,8 @@ pub fn copy_tree(from: &Path, to: &Path) {
 pub mod fault_proxy;
 #[allow(dead_code)]
 pub mod process;
+#[allow(dead_code)]
+pub mod python;
 #[allow(dead_code)]
 pub mod s3util;
 #[allow(dead_code)]

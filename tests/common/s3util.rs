@@ -1,5 +1,5 @@
 //! S3 helpers for tests: a client for the test server, uploads, and the checks every S3 test
-//! ends with (no open multipart upload, no object outside what manifests list).
+//! ends with (no open multipart upload, no temporary object, every file of the table there).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -124,34 +124,77 @@ pub async fn open_uploads(client: &Client, bucket: &str, prefix: &str) -> usize 
     out.uploads().len()
 }
 
-/// The end-of-test check: no open multipart upload and no object under `prefix` that is
-/// neither a manifest nor listed by one (no temporary or orphaned object).
+/// Epochs committed to the Delta table under `prefix` of `bucket` so far: its log's versions
+/// but the first (the table's creation).
+pub async fn committed_epochs(client: &Client, bucket: &str, prefix: &str) -> usize {
+    let log = format!("{prefix}_delta_log/");
+    let versions = list_keys(client, bucket, &log)
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".json"))
+        .count();
+    versions.saturating_sub(1)
+}
+
+/// The end-of-test check: no open multipart upload, no temporary object, and every file the
+/// Delta table's snapshot lists is there. (Whole files of epochs that never committed may
+/// stay: the log never adds them, so no reader sees them.)
 pub async fn assert_clean_output(client: &Client, bucket: &str, prefix: &str) {
     assert_eq!(
         open_uploads(client, bucket, prefix).await,
         0,
         "open multipart uploads"
     );
-    let mut listed = HashSet::new();
-    let keys = list_keys(client, bucket, prefix).await;
-    for key in keys.iter().filter(|k| k.contains("_manifest/")) {
+    let keys: HashSet<String> = list_keys(client, bucket, prefix)
+        .await
+        .into_iter()
+        .collect();
+    for key in &keys {
+        let name = key.rsplit('/').next().unwrap_or_default();
+        assert!(
+            !name.starts_with('.') && !name.ends_with(".tmp"),
+            "temporary object {key}"
+        );
+    }
+    for file in log_files(client, bucket, prefix).await {
+        assert!(
+            keys.contains(&format!("{prefix}{file}")),
+            "the log lists a missing {file}"
+        );
+    }
+}
+
+/// The files of the Delta table under `prefix`, by replaying its log's JSON versions (adds
+/// minus removes; the tests' tables are too young for a checkpoint), independently of
+/// verger's reader.
+pub async fn log_files(client: &Client, bucket: &str, prefix: &str) -> HashSet<String> {
+    let mut versions: Vec<String> = list_keys(client, bucket, &format!("{prefix}_delta_log/"))
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".json"))
+        .collect();
+    versions.sort();
+    let mut files = HashSet::new();
+    for key in versions {
         let body = client
             .get_object()
             .bucket(bucket)
-            .key(key)
+            .key(&key)
             .send()
             .await
             .unwrap();
         let bytes = body.body.collect().await.unwrap().into_bytes();
-        let m: verger::commit::Manifest = serde_json::from_slice(&bytes).unwrap();
-        listed.extend(m.files.into_iter().map(|f| format!("{prefix}{}", f.key)));
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(path) = action["add"]["path"].as_str() {
+                files.insert(path.to_string());
+            }
+            if let Some(path) = action["remove"]["path"].as_str() {
+                files.remove(path);
+            }
+        }
     }
-    for key in &keys {
-        assert!(
-            key.contains("_manifest/") || listed.contains(key),
-            "stray object {key}"
-        );
-    }
+    files
 }
 
 /// A fresh S3 server with one bucket, a runtime and a plain client for setup and checks.
