@@ -3,7 +3,7 @@
 //! The pipeline, one module per stage, wired in [`dataflow`]:
 //!
 //! ```text
-//! storage (local dir | s3) -> source (list, epochs) -> fetch -> decode -> label -> embed -> sink (Parquet + manifest)
+//! storage (local dir | s3) -> source (list, epochs) -> fetch -> decode -> label -> embed -> sink (Parquet) -> commit (a Delta version per epoch)
 //! ```
 
 pub mod bench;

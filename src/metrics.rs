@@ -47,9 +47,9 @@ pub struct Metrics {
     pub epochs_committed: Counter,
     /// Bytes read from the input store.
     pub bytes_read: Counter,
-    /// Bytes written to the output store (Parquet files and manifests).
+    /// Bytes written to the output store (Parquet files).
     pub bytes_written: Counter,
-    /// Store requests (reads, uploads, manifests) under way.
+    /// Store requests (reads, uploads, commits) under way.
     pub requests_in_flight: Gauge,
     /// Epochs released but not yet committed.
     pub epochs_in_flight: Gauge,

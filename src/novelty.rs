@@ -414,7 +414,7 @@ mod tests {
     fn seeds_make_the_latest_epochs_version_current() {
         timely::execute(timely::Config::thread(), |worker| {
             let mut n = Novelty::build(worker, Arc::new(Metrics::new()));
-            // Given out of order, as a manifest listing may.
+            // Given out of order, as a table's files may.
             n.add_handled([
                 (3, "k".to_string(), "B".to_string()),
                 (1, "k".to_string(), "A".to_string()),

@@ -112,7 +112,7 @@ pub struct ReportData {
 impl ReportData {
     /// Gathers the page's data from a committed table (rows, errors and commit records).
     pub fn gather(table: &Table, metrics: Option<Metrics>, options: &ReportOptions) -> Self {
-        let manifests = &table.commits;
+        let commits = &table.commits;
         let latest = table.latest_rows();
         let labels: Vec<(String, usize)> = crate::evaluate::label_counts(latest.iter().copied())
             .into_iter()
@@ -130,7 +130,7 @@ impl ReportData {
             .iter()
             .map(|(label, _)| splits.get(label.as_str()).copied().unwrap_or_default())
             .collect();
-        let mut models: Vec<String> = manifests.iter().map(|m| m.model.clone()).collect();
+        let mut models: Vec<String> = commits.iter().map(|m| m.model.clone()).collect();
         models.sort();
         models.dedup();
         Self {
@@ -141,7 +141,7 @@ impl ReportData {
             map: pca_map(&latest, options.max_points),
             metrics,
             errors: error_groups(&table.current_errors()),
-            throughput: throughput(manifests),
+            throughput: throughput(commits),
             models,
         }
     }
@@ -248,9 +248,9 @@ fn error_groups(errors: &[&Failure]) -> Vec<ErrorGroup> {
 
 /// Each run's commits over wall-clock time, from the commit records, runs in the order of
 /// their first epoch.
-fn throughput(manifests: &[EpochCommit]) -> Vec<RunProgress> {
+fn throughput(commits: &[EpochCommit]) -> Vec<RunProgress> {
     let mut runs: Vec<RunProgress> = Vec::new();
-    for m in manifests {
+    for m in commits {
         let (Some(committed), Some(started)) = (m.committed_ms, m.run_started_ms) else {
             continue;
         };
@@ -355,10 +355,10 @@ mod tests {
 
     /// Throughput is each run's objects committed over its own clock; its rate is the
     /// slope to the last commit, not the sum of per-epoch rates (epochs overlap). Older
-    /// manifests without commit times are left out.
+    /// commit records without commit times are left out.
     #[test]
     fn throughput_is_committed_objects_over_wall_clock_time_per_run() {
-        let manifest = |epoch, run: &str, started, committed, rows| EpochCommit {
+        let commit = |epoch, run: &str, started, committed, rows| EpochCommit {
             derivation: String::new(),
             epoch,
             run: run.into(),
@@ -371,11 +371,11 @@ mod tests {
             committed_ms: committed,
         };
         let runs = throughput(&[
-            manifest(0, "old", None, None, 5),
-            manifest(1, "r1", Some(1_000), Some(3_000), 100),
+            commit(0, "old", None, None, 5),
+            commit(1, "r1", Some(1_000), Some(3_000), 100),
             // Committed 0.5 s after the first, but it was in flight alongside it.
-            manifest(2, "r1", Some(1_000), Some(3_500), 100),
-            manifest(3, "r2", Some(10_000), Some(14_000), 40),
+            commit(2, "r1", Some(1_000), Some(3_500), 100),
+            commit(3, "r2", Some(10_000), Some(14_000), 40),
         ]);
         let summary: Vec<(&str, f64)> = runs
             .iter()

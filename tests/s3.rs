@@ -187,6 +187,58 @@ fn throttling_and_resets_still_commit_every_image_exactly_once() {
     rt.block_on(assert_clean_output(&client, "flaky", "out/"));
 }
 
+/// Delta commits whose write landed but whose answer was lost (the connection reset once the
+/// store had answered: a timeout after the write), for the table's creation and two epochs'
+/// versions: the run completes, each epoch is committed once (consecutive versions, no
+/// version added twice), every image once.
+#[test]
+fn a_commit_that_landed_but_whose_answer_was_lost_is_not_made_twice() {
+    let (server, rt, client) = server_with_bucket("ambiguous");
+    let keys = rt.block_on(upload_dir(
+        &client,
+        "ambiguous",
+        "in/",
+        &sample_dir(),
+        |k| k.starts_with("Test/apple/"),
+    ));
+    let proxy = FaultProxy::start(&server.endpoint(), 0.0, 0.0, 7);
+    // Version 0 (the table's creation), then the next two epochs' versions.
+    proxy.lose_put_answers("/_delta_log/00000000000000000000.json", 0, 1);
+    let cfg = s3_config(
+        "s3://ambiguous/in",
+        "s3://ambiguous/out",
+        1,
+        40,
+        options(&proxy.endpoint()),
+    );
+    let summary = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Once the table exists, lose the answers of the second and third epochs' commits.
+            while rt.block_on(committed_epochs(&client, "ambiguous", "out/")) < 1 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            proxy.lose_put_answers("/_delta_log/", 0, 2);
+        });
+        run(&cfg)
+    });
+    assert_eq!((summary.embedded as usize, summary.errors), (keys.len(), 0));
+    assert_eq!(
+        proxy.resets(),
+        3,
+        "answers lost: the creation and two epochs"
+    );
+    let table = read_location("s3://ambiguous/out", &options(&server.endpoint()));
+    let epochs: Vec<u64> = table.commits.iter().map(|c| c.epoch).collect();
+    assert_eq!(epochs, (0..summary.epochs).collect::<Vec<_>>());
+    assert_eq!(
+        table.version,
+        Some(summary.epochs),
+        "one version per epoch after the creation"
+    );
+    assert_eq!(by_key(table.rows).len(), keys.len());
+    rt.block_on(assert_clean_output(&client, "ambiguous", "out/"));
+}
+
 /// The S3 server is killed mid-run and started again on its data: the run completes and
 /// nothing is lost.
 #[test]

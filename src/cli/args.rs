@@ -226,7 +226,7 @@ pub struct ModelArgs {
     pub model: String,
     /// Use this checkpoint file instead of the cached one: the published weights, or
     /// fine-tuned weights of the same architecture (every tensor's shape is checked; the
-    /// manifest records the file's SHA-256).
+    /// output table's metadata records the file's SHA-256).
     #[arg(long, env = "VERGER_WEIGHTS")]
     pub weights: Option<PathBuf>,
     /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
@@ -400,7 +400,7 @@ pub struct RunArgs {
     /// Input: a directory of images (searched recursively) or s3://bucket/prefix.
     #[arg(long)]
     pub input: String,
-    /// Output: a directory (created if missing) or s3://bucket/prefix for Parquet and manifests.
+    /// Output: a directory (created if missing) or s3://bucket/prefix: a Delta Lake table.
     #[arg(long)]
     pub output: String,
     /// Only keys under this prefix of the input (e.g. `Training/`).

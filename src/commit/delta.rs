@@ -235,8 +235,20 @@ impl DeltaOutput {
         Ok(())
     }
 
-    /// Creates the table with verger's schema and `identity` in its metadata.
-    pub async fn create(&self, identity: &Identity) -> Result<DeltaTable, CommitError> {
+    /// Creates the table with verger's schema and `identity` in its metadata. Retried through
+    /// a store outage; a creation that landed although its request failed is found by the
+    /// next attempt, which then only checks that the table is verger's.
+    pub async fn create(&self, identity: &Identity) -> Result<(), CommitError> {
+        self.retrying("creating the table", || async {
+            match self.open_once(None).await? {
+                Some(table) => identity_of(self, &table).map(|_| ()),
+                None => self.create_once(identity).await,
+            }
+        })
+        .await
+    }
+
+    async fn create_once(&self, identity: &Identity) -> Result<(), CommitError> {
         let schema = table::table_schema(&identity.columns);
         let kernel: StructType = schema
             .as_ref()
@@ -271,6 +283,7 @@ impl DeltaOutput {
                 (DIM_KEY.to_string(), Some(FEATURE_DIM.to_string())),
             ])
             .await
+            .map(|_| ())
             .map_err(self.delta_error())
     }
 
@@ -357,7 +370,7 @@ impl DeltaOutput {
             // next attempt reads the txn version first).
             .with_max_retries(0);
         let snapshot = table.snapshot().map_err(self.delta_error())?;
-        CommitBuilder::from(properties)
+        let committed = CommitBuilder::from(properties)
             .with_actions(actions)
             .build(
                 Some(snapshot),
@@ -369,11 +382,26 @@ impl DeltaOutput {
                 },
             )
             .await
-            .map_err(self.delta_error())?;
+            .map_err(self.delta_error());
         table
             .update_incremental(None)
             .await
-            .map_err(self.delta_error())
+            .map_err(self.delta_error())?;
+        match committed {
+            Ok(_) => Ok(()),
+            // Whatever the failure (an answer lost after the write, the version taken), the
+            // log now says whether this epoch is in: then it is committed, by this run or,
+            // refused, by another.
+            Err(error) => match self.txn_version(table).await? {
+                Some(v) if v >= epoch.epoch as i64 => {
+                    match self.already_committed(table, epoch).await {
+                        CommitError::AlreadyCommitted { run, .. } if run == epoch.run => Ok(()),
+                        other => Err(other),
+                    }
+                }
+                _ => Err(error),
+            },
+        }
     }
 
     /// Runs `op` until it succeeds, fails for good, or the outage pauses are spent. A failure

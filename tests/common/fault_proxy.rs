@@ -67,6 +67,9 @@ struct Shared {
     failing_gets: Mutex<Option<(String, u64)>>,
     /// Requests whose query string contains this are answered `403 AccessDenied`, always.
     denied_query: Mutex<Option<String>>,
+    /// PUTs whose path contains this string: the first `.1` are forwarded as usual, the next
+    /// `.2` are forwarded but their answer is lost (the connection reset).
+    lost_puts: Mutex<Option<(String, u64, u64)>>,
 }
 
 /// What happens to one request.
@@ -119,6 +122,7 @@ impl FaultProxy {
             forwarded: AtomicU64::new(0),
             client: Client::builder(TokioExecutor::new()).build_http(),
             failing_gets: Mutex::new(None),
+            lost_puts: Mutex::new(None),
             denied_query: Mutex::new(None),
         });
         let (stop, stopped) = oneshot::channel();
@@ -145,6 +149,14 @@ impl FaultProxy {
     /// `500 InternalError` (not forwarded).
     pub fn fail_gets(&self, path_part: &str, times: u64) {
         *self.shared.failing_gets.lock().unwrap() = Some((path_part.to_string(), times));
+    }
+
+    /// From now on, of the PUT requests whose path contains `path_part`, the first `skip` go
+    /// through, and the next `times` reach the store but their answer never comes back: the
+    /// connection is reset once the store has answered. A write that landed although its
+    /// request failed, as a timeout after the write looks to the client.
+    pub fn lose_put_answers(&self, path_part: &str, skip: u64, times: u64) {
+        *self.shared.lost_puts.lock().unwrap() = Some((path_part.to_string(), skip, times));
     }
 
     /// From now on, every request whose query string contains `query_part` (`uploads`: the
@@ -269,6 +281,13 @@ async fn handle(
             }
         }
     }
+    if req.method() == hyper::Method::PUT && shared.loses_answer_to(req.uri().path()) {
+        let _ = shared.forward(req).await;
+        shared.resets.fetch_add(1, Ordering::Relaxed);
+        let _ = twin.set_zero_linger();
+        abort.notify_one();
+        return std::future::pending().await;
+    }
     match shared.decide() {
         Fate::SlowDown => {
             shared.slowdowns.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +307,26 @@ async fn handle(
 }
 
 impl Shared {
+    /// Whether the answer to a PUT of `path` is to be lost (see `lose_put_answers`).
+    fn loses_answer_to(&self, path: &str) -> bool {
+        let mut lost = self.lost_puts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((part, skip, times)) = lost.as_mut() else {
+            return false;
+        };
+        if !path.contains(part.as_str()) {
+            return false;
+        }
+        if *skip > 0 {
+            *skip -= 1;
+            return false;
+        }
+        if *times > 0 {
+            *times -= 1;
+            return true;
+        }
+        false
+    }
+
     fn decide(&self) -> Fate {
         let draw: f64 = self.rng.lock().unwrap_or_else(|e| e.into_inner()).random();
         if draw < self.slowdown {
