@@ -897,6 +897,6 @@ fn inspect_reads_an_earlier_version_of_the_table() {
         first.contains("Delta version 1, 1 committed epochs, 2 rows"),
         "{first}"
     );
-    let (rows, _, _, version) = common::python::deltalake_counts(out.to_str().unwrap());
+    let (rows, _, _, version) = common::python::deltalake_counts(out.to_str().unwrap(), &[]);
     assert_eq!((rows, version), (5, 3));
 }

@@ -34,16 +34,22 @@ pub fn require_python_packages() {
 }
 
 /// Runs `code` with python3 in `dir`, asserts it succeeds, returns what it printed.
+pub fn run_python(code: &str, dir: &Path) -> String {
+    run_python_with(code, dir, &[])
+}
+
+/// [`run_python`] with extra environment variables.
 ///
 /// The interpreter leaves by `os._exit` once `code` is done: with `deltalake` loaded, a normal
 /// exit aborts now and then ("terminate called without an active exception", about 1 in 20
 /// here with four at once) while its runtime's threads are torn down, after the work is done.
-pub fn run_python(code: &str, dir: &Path) -> String {
+pub fn run_python_with(code: &str, dir: &Path, env: &[(&str, &str)]) -> String {
     let code =
         format!("{code}\nimport os, sys\nsys.stdout.flush()\nsys.stderr.flush()\nos._exit(0)\n");
     let out = Command::new("python3")
         .arg("-c")
         .arg(&code)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .output()
         .unwrap();
@@ -57,8 +63,9 @@ pub fn run_python(code: &str, dir: &Path) -> String {
 }
 
 /// What the `deltalake` package sees in the table at `location` (a directory, or s3:// with
-/// the `AWS_*` environment): (rows, distinct keys of rows, error records, Delta version).
-pub fn deltalake_counts(location: &str) -> (usize, usize, usize, u64) {
+/// the `AWS_*` environment and `env`): (rows, distinct keys of rows, error records, Delta
+/// version).
+pub fn deltalake_counts(location: &str, env: &[(&str, &str)]) -> (usize, usize, usize, u64) {
     require_python_packages();
     let code = format!(
         "from deltalake import DeltaTable\n\
@@ -67,7 +74,7 @@ pub fn deltalake_counts(location: &str) -> (usize, usize, usize, u64) {
          rows = df[df['stage'].isna()]\n\
          print(len(rows), rows['key'].nunique(), len(df) - len(rows), t.version())\n"
     );
-    let printed = run_python(&code, Path::new("."));
+    let printed = run_python_with(&code, Path::new("."), env);
     let n: Vec<u64> = printed
         .split_whitespace()
         .map(|w| w.parse().unwrap())
