@@ -82,6 +82,7 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
                 progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 connect_timeout: c.connect_timeout,
                 allow_empty: args.allow_empty,
+                keep_deleted: args.keep_deleted,
                 head: args.head.clone(),
             };
             cli::run::run_job(

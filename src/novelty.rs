@@ -63,6 +63,12 @@ type Handled = (Fingerprint, (Epoch, Fingerprint));
 /// here could only merge two keys in the per-label counts, a metric, never skip an object.)
 type Row = (u64, (Epoch, LabelId));
 
+/// The version a deleted key takes in `handled`: no listed version's fingerprint (those are
+/// SHA-256 prefixes; 0 is as likely as any other, at 2^-128).
+const GONE: Fingerprint = 0;
+/// The label a deleted key takes in `rows`: no label's id, so it is counted under none.
+const GONE_LABEL: LabelId = 0;
+
 /// The first 128 bits of SHA-256 over `parts`, each length-prefixed (so ("ab", "c") and
 /// ("a", "bc") differ): the same on every worker, process and build.
 fn fingerprint(parts: &[&str]) -> Fingerprint {
@@ -224,6 +230,21 @@ impl Novelty {
             names.entry(id).or_insert(label);
             self.rows
                 .update((fingerprint(&[&r.key]) as u64, (epoch, id)), 1);
+            self.pending = true;
+        }
+    }
+
+    /// Records that `keys` were deleted from the input and their records removed by the
+    /// commit of `epoch`: each key's current version becomes one that no listing has, so the
+    /// key is new again if it comes back (even with the same version), and no label counts
+    /// it any more.
+    pub fn deleted(&mut self, epoch: Epoch, keys: impl IntoIterator<Item = String>) {
+        let mut keys: Vec<Fingerprint> = keys.into_iter().map(|k| fingerprint(&[&k])).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            self.handled.update((key, (epoch, GONE)), 1);
+            self.rows.update((key as u64, (epoch, GONE_LABEL)), 1);
             self.pending = true;
         }
     }
@@ -404,6 +425,34 @@ mod tests {
                 list_and_release(&mut n, worker, 4, b()),
                 versions(&[("k", "B")])
             );
+        })
+        .unwrap();
+    }
+
+    /// A key whose records a commit removed as deleted from the input is new again when it
+    /// comes back with the very version it had, and no label counts it meanwhile.
+    #[test]
+    fn a_deleted_key_that_comes_back_is_new_again_and_counted_under_no_label() {
+        timely::execute(timely::Config::thread(), |worker| {
+            let mut n = Novelty::build(worker, Arc::new(Metrics::new()));
+            let page = || vec![meta("a/k", "A"), meta("a/j", "J")];
+            assert_eq!(list_and_release(&mut n, worker, 0, page()).len(), 2);
+            n.add_rows(0, [row("a/k", "A", "a"), row("a/j", "J", "a")]);
+            n.settle(worker);
+            assert_eq!(n.label_counts().get("a"), Some(&2));
+
+            n.deleted(1, ["a/k".to_string()]);
+            n.settle(worker);
+            assert_eq!(n.label_counts().get("a"), Some(&1), "a/k counted no more");
+            assert_eq!(
+                list_and_release(&mut n, worker, 2, page()),
+                versions(&[("a/k", "A")]),
+                "back with its old version: new again"
+            );
+            n.add_rows(2, [row("a/k", "A", "a")]);
+            n.settle(worker);
+            assert_eq!(n.label_counts().get("a"), Some(&2));
+            assert!(list_and_release(&mut n, worker, 3, page()).is_empty());
         })
         .unwrap();
     }

@@ -203,14 +203,15 @@ pub struct WrittenFile {
     pub stats: String,
 }
 
-/// A file published to the output store, with the rows of a data file (or the failed reads
-/// of an errors file).
+/// A file published to the output store, with its records' keys and versions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     /// The file, as its epoch's commit adds it to the table.
     pub file: WrittenFile,
-    /// The rows of a data file; for an errors file, the versions whose read failed.
+    /// Every record's key and version (a row's with its label).
     pub rows: Vec<RowId>,
+    /// Of an errors file, the versions whose read failed (stage `fetch`).
+    pub failed_reads: Vec<RowId>,
 }
 
 /// A worker's word that it could not finish its part of an epoch, sent on to the committing

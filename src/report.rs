@@ -369,6 +369,7 @@ mod tests {
             files: Vec::new(),
             run_started_ms: started,
             committed_ms: committed,
+            ..EpochCommit::default()
         };
         let runs = throughput(&[
             commit(0, "old", None, None, 5),

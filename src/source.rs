@@ -8,9 +8,13 @@
 //! `max_epoch_age` after its first key; a new epoch is released only while fewer than
 //! `max_epochs_in_flight` are unfinished downstream (probe), which bounds memory whatever the
 //! size of the input.
+//!
+//! A complete listing also tells which keys are gone: those of the table's snapshot, in the
+//! run's scope, that it did not hold. The source sends their hashes into the dataflow's
+//! second input, in the epoch it closes next, and that epoch's commit removes their records.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -19,7 +23,7 @@ use timely::dataflow::operators::{Exchange, Input};
 use timely::dataflow::{InputHandle, ProbeHandle, Scope, StreamVec};
 use timely::worker::Worker;
 
-use crate::commit::{CommitFeed, CommitReport};
+use crate::commit::{key_hash, CommitFeed, CommitReport, KeyHash, SnapshotIndex};
 use crate::metrics::Metrics;
 use crate::novelty::Novelty;
 use crate::record::{Epoch, RowId};
@@ -29,6 +33,20 @@ use crate::storage::{ObjectMeta, ObjectStore};
 /// The input of the dataflow: listed objects, stamped with their epoch.
 pub type KeyInput =
     InputHandle<Epoch, timely::container::CapacityContainerBuilder<Vec<ObjectMeta>>>;
+
+/// The dataflow's second input: keys deleted from the input (their hashes), stamped with the
+/// epoch whose commit removes their records.
+pub type DeletionInput =
+    InputHandle<Epoch, timely::container::CapacityContainerBuilder<Vec<KeyHash>>>;
+
+/// The stream of deleted keys, on the worker that feeds it (worker 0); the commit stage
+/// gathers it with the epoch's files.
+pub fn deletions<'s>(
+    scope: Scope<'s, Epoch>,
+    input: &mut DeletionInput,
+) -> StreamVec<'s, Epoch, KeyHash> {
+    scope.input_from(input).container::<Vec<KeyHash>>()
+}
 
 /// The source stage's stream: what worker 0 releases into `input`, each object sent on to
 /// the worker that fetches, decodes and embeds it ([`route`]).
@@ -138,6 +156,9 @@ pub struct SourceStats {
     pub released: u64,
     /// Epochs released.
     pub epochs: u64,
+    /// Keys found deleted from the input (whose records leave the table's snapshot).
+    #[serde(default)]
+    pub deleted: u64,
     /// The listing was stopped (by a signal) before it reached its end.
     #[serde(default)]
     pub interrupted: bool,
@@ -200,6 +221,11 @@ pub struct Driver {
     retry_failed_reads: bool,
     /// Reads retried so far, of the failing version of each key.
     retries: ReadRetries,
+    /// Where keys found deleted go, and the snapshot they are looked for in (unless the run
+    /// keeps deleted keys' rows).
+    deletions: Option<(DeletionInput, Arc<Mutex<SnapshotIndex>>)>,
+    /// The hashes of the keys listed in this round (only while deletions are tracked).
+    listed: HashSet<KeyHash>,
 }
 
 /// How many times the read of each key's failing version was retried (watch mode). Small
@@ -265,7 +291,15 @@ impl Driver {
             rate: VecDeque::new(),
             retry_failed_reads: false,
             retries: Default::default(),
+            deletions: None,
+            listed: HashSet::new(),
         }
+    }
+
+    /// After each complete listing, sends the keys of `index` in the run's scope that the
+    /// listing did not hold into `input`, for the next commit to remove their records.
+    pub fn track_deletions(&mut self, input: DeletionInput, index: Arc<Mutex<SnapshotIndex>>) {
+        self.deletions = Some((input, index));
     }
 
     /// Lists `prefix` of `store` once or repeatedly (`mode`), releasing new objects, until
@@ -291,7 +325,9 @@ impl Driver {
                 self.policy.page_size,
             );
             let released = self.stats.released;
+            self.listed.clear();
             match (self.list_round(worker, pages, stop), mode) {
+                (Ok(()), _) if !stop() => self.release_deletions(),
                 (Ok(()), _) => {}
                 (Err(e), Mode::Once) => return Err(e),
                 (Err(e), Mode::Watch { .. }) => {
@@ -365,6 +401,10 @@ impl Driver {
                 .collect();
             self.stats.filtered += (before - accepted.len()) as u64;
             let offered = accepted.len();
+            if self.deletions.is_some() {
+                self.listed
+                    .extend(accepted.iter().map(|o| key_hash(&o.key)));
+            }
             let fresh = self.novelty.new_objects(worker, accepted);
             self.stats.skipped += (offered - fresh.len()) as u64;
             for object in fresh {
@@ -376,6 +416,31 @@ impl Driver {
                 self.release(worker, object, stop);
             }
             worker.step();
+        }
+    }
+
+    /// After a complete listing: sends the keys of the snapshot in scope that it did not
+    /// hold into the open epoch (opening one if none is), whose commit removes their records.
+    fn release_deletions(&mut self) {
+        let Some((input, index)) = &mut self.deletions else {
+            return;
+        };
+        let gone = index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .gone(&self.listed);
+        self.listed = HashSet::new();
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(
+            keys = gone.len(),
+            "objects deleted from the input: their records leave the table at the next commit"
+        );
+        self.stats.deleted += gone.len() as u64;
+        self.opened.get_or_insert_with(Instant::now);
+        for hash in gone {
+            input.send(hash);
         }
     }
 
@@ -402,6 +467,9 @@ impl Driver {
         let input = self.input.as_mut().expect("input open");
         let epoch = *input.time();
         input.advance_to(epoch + 1);
+        if let Some((deleted, _)) = &mut self.deletions {
+            deleted.advance_to(epoch + 1);
+        }
         self.unfinished.push_back((epoch, opened));
         self.stats.epochs += 1;
         (self.keys, self.bytes) = (0, 0);
@@ -427,6 +495,10 @@ impl Driver {
                 }
             }
             self.novelty.add_rows(m.epoch, report.rows);
+            if !report.deleted.is_empty() {
+                self.novelty
+                    .deleted(m.epoch, report.deleted.into_iter().map(|(_, row)| row.key));
+            }
             if self.retry_failed_reads {
                 self.forget_failed_reads(m.epoch, report.failed_reads);
             }
@@ -500,6 +572,7 @@ impl Driver {
         // No need to wait for room here: everything released is waited for below.
         self.close_epoch(worker, &|| true);
         self.input.take();
+        self.deletions.take();
         while !self.probe.done() {
             self.housekeeping(worker);
             worker.step_or_park(Some(Duration::from_millis(50)));

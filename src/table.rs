@@ -46,6 +46,15 @@ pub enum TableError {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    /// Records could not be encoded as Parquet (a file rewritten without some records).
+    #[error("{key}: Parquet encoding failed")]
+    Encode {
+        /// The file's key.
+        key: String,
+        /// The writer's error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
     /// A column is missing or of another type.
     #[error("{key}: no {expected} column `{column}` (written by an older verger?)")]
     Column {
@@ -387,24 +396,52 @@ pub async fn read_index(store: &dyn ObjectStore, key: &str) -> Result<Vec<IndexE
     let columns = ["key", "etag", "label", "stage"];
     let mut out = Vec::new();
     for batch in read_batches(store, key, Some(&columns)).await? {
-        let keys = strings(&batch, "key", key)?;
-        let etags = strings(&batch, "etag", key)?;
-        let labels = strings(&batch, "label", key)?;
-        let stages = strings(&batch, "stage", key)?;
-        for i in 0..batch.num_rows() {
-            let stage = stage_at(stages, i, key)?;
-            let label =
-                (stage.is_none() && !labels.is_null(i)).then(|| labels.value(i).to_string());
-            out.push(IndexEntry {
-                row: RowId {
-                    key: keys.value(i).to_string(),
-                    etag: etags.value(i).to_string(),
-                    label,
-                },
-                stage,
-            });
-        }
+        out.extend(index_of(&batch, key)?);
     }
+    Ok(out)
+}
+
+/// Key, version and label (rows) or stage (error records) of every record of `batch`, read
+/// from `file`.
+pub fn index_of(batch: &RecordBatch, file: &str) -> Result<Vec<IndexEntry>, TableError> {
+    let keys = strings(batch, "key", file)?;
+    let etags = strings(batch, "etag", file)?;
+    let labels = strings(batch, "label", file)?;
+    let stages = strings(batch, "stage", file)?;
+    let mut out = Vec::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        let stage = stage_at(stages, i, file)?;
+        let label = (stage.is_none() && !labels.is_null(i)).then(|| labels.value(i).to_string());
+        out.push(IndexEntry {
+            row: RowId {
+                key: keys.value(i).to_string(),
+                etag: etags.value(i).to_string(),
+                label,
+            },
+            stage,
+        });
+    }
+    Ok(out)
+}
+
+/// `batches` as one Parquet file with the table's settings (a file rewritten without some
+/// of its records), named `key` in errors.
+pub fn parquet_bytes(batches: &[RecordBatch], key: &str) -> Result<Vec<u8>, TableError> {
+    let bad = |source| TableError::Encode {
+        key: key.to_string(),
+        source,
+    };
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(&mut out, first.schema(), Some(writer_properties()))
+            .map_err(bad)?;
+    for batch in batches {
+        writer.write(batch).map_err(bad)?;
+    }
+    writer.close().map_err(bad)?;
     Ok(out)
 }
 

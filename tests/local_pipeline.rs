@@ -158,7 +158,7 @@ fn table_files(out: &std::path::Path) -> HashSet<String> {
     let delta = verger::commit::DeltaOutput::of(&store, &Default::default()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let committed = rt
-        .block_on(verger::commit::Committed::load(&delta, &store))
+        .block_on(verger::commit::Committed::load(&delta, &store, &|_| true))
         .unwrap();
     committed.files.into_iter().collect()
 }
@@ -293,4 +293,184 @@ fn a_version_that_comes_back_supersedes_the_one_it_replaced() {
     let fourth = run(&config(&input, &output, 1, 16));
     assert_eq!((fourth.embedded, fourth.source.skipped), (0, 2));
     assert_eq!(current().etag, row_a.etag);
+}
+
+/// The table's latest snapshot is the current state of the input: a class folder renamed
+/// (`mangoo_typo` to `mango`) leaves no row of the old name, a replaced picture leaves only
+/// its new row, and time travel still gives the first run's rows. A run's prefix bounds
+/// what it can find deleted, and `keep_deleted` keeps deleted objects' rows. The `deltalake`
+/// package sees the same snapshot.
+#[test]
+fn the_snapshot_drops_rows_of_deleted_and_replaced_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+    let copy = |class: &str, to: &str, n: usize| -> Vec<String> {
+        let from = sample_dir().join("Test").join(class);
+        std::fs::create_dir_all(input.join(to)).unwrap();
+        let mut names: Vec<String> = files_under(&from).into_iter().take(n).collect();
+        names.sort();
+        for name in &names {
+            std::fs::copy(from.join(name), input.join(to).join(name)).unwrap();
+        }
+        names
+    };
+    let mangoes = copy("mango", "mangoo_typo", 20);
+    let apples = copy("apple", "apple", 10);
+    let labels = |table: &verger::sink::reader::Table| {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for row in &table.rows {
+            *counts
+                .entry(row.label.clone().unwrap_or_default())
+                .or_default() += 1;
+        }
+        counts
+    };
+    let first = run(&config(&input, &output, 1, 8));
+    assert_eq!(
+        (first.embedded, first.errors, first.source.deleted),
+        (30, 0, 0)
+    );
+    let before = read_output(&output);
+    let first_version = before.version.unwrap();
+    assert_eq!(labels(&before)["mangoo_typo"], 20);
+
+    // The folder's name fixed; one apple replaced by another picture of an apple.
+    std::fs::rename(input.join("mangoo_typo"), input.join("mango")).unwrap();
+    let replaced = format!("apple/{}", apples[0]);
+    let other = files_under(&sample_dir().join("Test/apple"))
+        .into_iter()
+        .find(|n| !apples.contains(n))
+        .unwrap();
+    let path = input.join(&replaced);
+    std::fs::copy(sample_dir().join("Test/apple").join(other), &path).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000))
+        .unwrap();
+    let second = run(&config(&input, &output, 2, 8));
+    assert_eq!((second.embedded, second.errors), (21, 0));
+    assert_eq!(second.source.deleted, 20, "the 20 keys under mangoo_typo/");
+
+    let after = read_output(&output);
+    let rows = by_key(after.rows.clone());
+    assert_eq!(rows.len(), 30, "one row per object");
+    assert_eq!(
+        labels(&after),
+        [("apple".to_string(), 10), ("mango".to_string(), 20)].into()
+    );
+    assert!(mangoes
+        .iter()
+        .all(|m| rows.contains_key(&format!("mango/{m}"))));
+    let old = before.rows.iter().find(|r| r.key == replaced).unwrap();
+    let new = &rows[&replaced];
+    assert_ne!(old.etag, new.etag);
+    assert!(cosine(&old.embedding, &new.embedding) < 0.9999);
+    for (key, row) in &rows {
+        if key != &replaced && key.starts_with("apple/") {
+            let kept = before.rows.iter().find(|r| &r.key == key).unwrap();
+            assert_eq!(
+                (&kept.etag, &kept.embedding),
+                (&row.etag, &row.embedding),
+                "{key}: rewritten, unchanged"
+            );
+        }
+    }
+    let commit = after.commits.last().unwrap();
+    assert!(commit.removed.len() >= commit.rewritten.len() && !commit.removed.is_empty());
+
+    // Time travel: the first run's snapshot is still there.
+    let then = read_location_at(
+        output.to_str().unwrap(),
+        &Default::default(),
+        Some(first_version),
+    );
+    assert_eq!(labels(&then)["mangoo_typo"], 20);
+    assert_eq!(then.rows.len(), 30);
+
+    // Another engine reads the same snapshot, and the earlier one by version.
+    common::python::require_python_packages();
+    let code = format!(
+        "from deltalake import DeltaTable\n\
+         now = DeltaTable({out:?}).to_pandas()\n\
+         then = DeltaTable({out:?}, version={first_version}).to_pandas()\n\
+         print(len(now), now['key'].nunique(), (now['label'] == 'mangoo_typo').sum(), (then['label'] == 'mangoo_typo').sum())\n",
+        out = output.to_str().unwrap()
+    );
+    let printed = common::python::run_python(&code, dir.path());
+    assert_eq!(
+        printed.split_whitespace().collect::<Vec<_>>(),
+        ["30", "30", "0", "20"]
+    );
+
+    // Nothing changed: nothing to do, no version.
+    let third = run(&config(&input, &output, 1, 8));
+    assert_eq!(
+        (third.embedded, third.source.deleted, third.epochs),
+        (0, 0, 0)
+    );
+    assert_eq!(read_output(&output).version, after.version);
+
+    // A run under a prefix finds nothing deleted outside it; keep_deleted keeps rows.
+    std::fs::remove_file(input.join(&replaced)).unwrap();
+    let mut scoped = config(&input, &output, 1, 8);
+    scoped.prefix = "mango/".into();
+    assert_eq!(run(&scoped).source.deleted, 0);
+    let mut keeping = config(&input, &output, 1, 8);
+    keeping.keep_deleted = true;
+    assert_eq!(run(&keeping).source.deleted, 0);
+    assert_eq!(read_output(&output).rows.len(), 30);
+    let last = run(&config(&input, &output, 1, 8));
+    assert_eq!(last.source.deleted, 1);
+    let rows = by_key(read_output(&output).rows);
+    assert_eq!(rows.len(), 29);
+    assert!(!rows.contains_key(&replaced));
+}
+
+/// Checkpoints: with an interval of 4, a run of ten epochs leaves Parquet checkpoints and
+/// `_last_checkpoint`. With the log's JSON versions before the last checkpoint removed (as
+/// Delta's log clean-up does once they expire), a restart still knows every committed epoch
+/// (the checkpoint holds the txn), processes nothing again, goes on at the next epoch, and
+/// the `deltalake` package reads the table.
+#[test]
+fn start_up_reads_the_last_checkpoint_not_the_whole_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+    let from = sample_dir().join("Test/lemon");
+    let names = files_under(&from);
+    std::fs::create_dir_all(input.join("lemon")).unwrap();
+    for name in names.iter().take(40) {
+        std::fs::copy(from.join(name), input.join("lemon").join(name)).unwrap();
+    }
+    let mut cfg = config(&input, &output, 1, 4);
+    cfg.checkpoint_interval = 4;
+    let first = run(&cfg);
+    assert_eq!((first.embedded, first.epochs), (40, 10));
+
+    let log = output.join("_delta_log");
+    let last: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(log.join("_last_checkpoint")).unwrap()).unwrap();
+    let checkpoint = last["version"].as_u64().unwrap();
+    assert_eq!(
+        checkpoint, 7,
+        "versions 0 to 10: checkpoints after versions 3 and 7"
+    );
+    assert!(log
+        .join(format!("{checkpoint:020}.checkpoint.parquet"))
+        .exists());
+    for version in 0..checkpoint {
+        std::fs::remove_file(log.join(format!("{version:020}.json"))).unwrap();
+    }
+
+    let second = run(&cfg);
+    assert_eq!((second.embedded, second.source.skipped), (0, 40));
+    for name in names.iter().skip(40).take(4) {
+        std::fs::copy(from.join(name), input.join("lemon").join(name)).unwrap();
+    }
+    let third = run(&cfg);
+    assert_eq!((third.embedded, third.source.skipped), (4, 40));
+    let (rows, keys, errors, version) =
+        common::python::deltalake_counts(output.to_str().unwrap(), &[]);
+    assert_eq!((rows, keys, errors, version), (44, 44, 0, 11));
 }

@@ -239,6 +239,35 @@ fn a_commit_that_landed_but_whose_answer_was_lost_is_not_made_twice() {
     rt.block_on(assert_clean_output(&client, "ambiguous", "out/"));
 }
 
+/// S3 answers `503 SlowDown` to the first six PUTs of the Delta log (the table's creation and
+/// epochs' versions): each is tried again, the run completes, every epoch is one version
+/// (consecutive, none twice), every image once.
+#[test]
+fn a_503_on_the_delta_log_put_is_retried_and_commits_once() {
+    let (server, rt, client) = server_with_bucket("slowlog");
+    let keys = rt.block_on(upload_dir(&client, "slowlog", "in/", &sample_dir(), |k| {
+        k.starts_with("Test/apple/")
+    }));
+    let proxy = FaultProxy::start(&server.endpoint(), 0.0, 0.0, 11);
+    proxy.slow_down_puts("/_delta_log/", 6);
+    let cfg = s3_config(
+        "s3://slowlog/in",
+        "s3://slowlog/out",
+        1,
+        40,
+        options(&proxy.endpoint()),
+    );
+    let summary = run(&cfg);
+    assert_eq!((summary.embedded as usize, summary.errors), (keys.len(), 0));
+    assert_eq!(proxy.slowdowns(), 6, "every injected 503 was met");
+    let table = read_location("s3://slowlog/out", &options(&server.endpoint()));
+    let epochs: Vec<u64> = table.commits.iter().map(|c| c.epoch).collect();
+    assert_eq!(epochs, (0..summary.epochs).collect::<Vec<_>>());
+    assert_eq!(table.version, Some(summary.epochs));
+    assert_eq!(by_key(table.rows).len(), keys.len());
+    rt.block_on(assert_clean_output(&client, "slowlog", "out/"));
+}
+
 /// The S3 server is killed mid-run and started again on its data: the run completes and
 /// nothing is lost.
 #[test]

@@ -1,6 +1,7 @@
 //! Watch mode as a service, against a real S3 server (SeaweedFS on loopback): waves of new
-//! images are committed as they land, replaced objects get superseding rows, deleted ones
-//! stop nothing, the metrics endpoint agrees with the output, and SIGTERM finishes cleanly.
+//! images are committed as they land, a replaced object's new row takes its old one's place
+//! in the table's snapshot, deleted objects' rows leave it (stopping nothing), the metrics
+//! endpoint agrees with the output, and SIGTERM finishes cleanly.
 
 mod common;
 
@@ -118,7 +119,9 @@ fn waves_replacements_and_deletions_while_watching_then_sigterm() {
     assert!(m["verger_objects_listed_total"] >= 300.0);
     assert!(m["verger_read_bytes_total"] > 0.0 && m["verger_written_bytes_total"] > 0.0);
 
-    // Ten objects replaced by other pictures of their class: ten superseding rows.
+    // Ten objects replaced by other pictures of their class: ten superseding rows, each
+    // removing its predecessor from the snapshot in the same commit.
+    let before = by_key(table.rows.clone());
     let replaced: Vec<(String, String)> = waves[0]
         .iter()
         .take(10)
@@ -136,27 +139,35 @@ fn waves_replacements_and_deletions_while_watching_then_sigterm() {
     }
     let table = eventually("replacements committed", 2 * POLL + PROCESSING, || {
         let t = read_location("s3://watch/out", &opts);
-        (t.rows.len() == 310).then_some(t)
+        let rows: BTreeMap<&str, &str> = t
+            .rows
+            .iter()
+            .map(|r| (r.key.as_str(), r.etag.as_str()))
+            .collect();
+        replaced
+            .iter()
+            .all(|(k, _)| rows.get(k.as_str()).is_some_and(|e| *e != before[k].etag))
+            .then_some(t)
     });
-    let latest = table.latest_rows();
-    assert_eq!(latest.len(), 300, "superseded, not added");
+    assert_eq!(table.rows.len(), 300, "superseded, not added");
+    let now = by_key(table.rows.clone());
     for (key, _) in &replaced {
-        let versions: Vec<_> = table.rows.iter().filter(|r| &r.key == key).collect();
-        assert_eq!(versions.len(), 2, "{key}");
-        assert_ne!(versions[0].etag, versions[1].etag, "{key}");
         assert!(
-            cosine(&versions[0].embedding, &versions[1].embedding) < 0.9999,
+            cosine(&before[key].embedding, &now[key].embedding) < 0.9999,
             "{key}: the new row embeds the new picture"
         );
     }
+    let latest = table.latest_rows();
     let m = eventually("label counts unchanged", Duration::from_secs(10), || {
         let m = scrape(&metrics);
         (m["verger_objects_committed_total"] == 310.0).then_some(m)
     });
     assert_eq!(label_rows(&m), per_label(&latest), "latest rows per label");
 
-    // Deleting objects stops nothing: the next wave still lands.
-    for key in waves[1].iter().take(10) {
+    // Deleting objects stops nothing: the next wave still lands, and the deleted objects'
+    // rows leave the snapshot.
+    let deleted: Vec<&String> = waves[1].iter().take(10).collect();
+    for key in &deleted {
         rt.block_on(
             client
                 .delete_object()
@@ -170,13 +181,22 @@ fn waves_replacements_and_deletions_while_watching_then_sigterm() {
     for key in &last {
         upload(&rt, &client, key, key);
     }
-    eventually(
+    let table = eventually(
         "wave after deletions committed",
         2 * POLL + PROCESSING,
         || {
             let t = read_location("s3://watch/out", &opts);
-            (t.rows.len() == 330).then_some(())
+            (t.rows.len() == 310).then_some(t)
         },
+    );
+    let keys: HashSet<&str> = table.rows.iter().map(|r| r.key.as_str()).collect();
+    assert!(deleted.iter().all(|k| !keys.contains(k.as_str())));
+    assert!(last.iter().all(|k| keys.contains(k.as_str())));
+    let latest = table.latest_rows();
+    eventually(
+        "label counts without the deleted",
+        Duration::from_secs(10),
+        || (label_rows(&scrape(&metrics)) == per_label(&latest)).then_some(()),
     );
 
     // SIGTERM: stop listing, finish what is in flight, exit 0.
@@ -190,12 +210,13 @@ fn waves_replacements_and_deletions_while_watching_then_sigterm() {
         "deletions are not errors: {:?}",
         table.errors
     );
-    assert_eq!(table.latest_rows().len(), 320);
+    assert_eq!(table.rows.len(), 310);
     rt.block_on(assert_clean_output(&client, "watch", "out/"));
 }
 
 /// A read that fails in watch mode is tried again at a later poll (not only after a restart):
-/// the object ends embedded, and its error record is superseded by the row.
+/// the object ends embedded, and the commit of its row removes its error record from the
+/// snapshot (an earlier version still has it).
 #[test]
 fn a_failed_read_is_retried_at_the_next_poll_and_its_error_superseded() {
     use common::fault_proxy::FaultProxy;
@@ -234,8 +255,19 @@ fn a_failed_read_is_retried_at_the_next_poll_and_its_error_superseded() {
     verger.terminate();
     let (status, stdout) = verger.wait(Duration::from_secs(60));
     assert!(status.success(), "{stdout}");
-    let failed: Vec<_> = table.errors.iter().map(|e| (&e.key, e.stage)).collect();
-    assert_eq!(failed, [(&unlucky, verger::record::Stage::Fetch)]);
-    assert!(table.current_errors().is_empty(), "superseded by the row");
+    assert!(
+        table.errors.is_empty(),
+        "superseded by the row: {:?}",
+        table.errors
+    );
+    assert_eq!(table.commits.iter().map(|c| c.superseded).sum::<u64>(), 1);
+    let earlier: Vec<_> = (1..table.version.unwrap())
+        .flat_map(|v| read_location_at("s3://retry/out", &opts, Some(v)).errors)
+        .map(|e| (e.key, e.stage))
+        .collect();
+    assert!(
+        earlier.contains(&(unlucky.clone(), verger::record::Stage::Fetch)),
+        "time travel finds the error record: {earlier:?}"
+    );
     by_key(table.rows); // once each
 }

@@ -303,6 +303,12 @@ pub struct EngineArgs {
     /// restart on the same host takes it over at once).
     #[arg(long, default_value = "60s", value_parser = positive_duration)]
     pub lease_ttl: Duration,
+    /// Delta versions between two checkpoints of a new output table (its
+    /// `delta.checkpointInterval`): opening the table reads the last checkpoint and the
+    /// versions after it, so start-up does not grow with the number of committed epochs.
+    /// An existing table keeps its own.
+    #[arg(long, default_value_t = verger::commit::delta::CHECKPOINT_INTERVAL, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_interval: u64,
     /// Also write the run summary (counts, images/s, time per stage, peak RSS) to this JSON file.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
@@ -416,6 +422,12 @@ pub struct RunArgs {
     /// An input that lists nothing (or nothing the globs accept) is a success, not exit code 4.
     #[arg(long)]
     pub allow_empty: bool,
+    /// Keep the rows of objects deleted from the input. By default a complete listing that
+    /// no longer holds a key (under --prefix and the globs) removes its rows from the
+    /// table's latest snapshot (time travel keeps them); keep them when one output gathers
+    /// several inputs, or inputs that are emptied once processed.
+    #[arg(long)]
+    pub keep_deleted: bool,
     /// Keep running: list the input again every --poll-interval and process what is new or
     /// changed, until SIGINT or SIGTERM (which finish the epochs in flight, then exit 0).
     #[arg(long)]

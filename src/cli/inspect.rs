@@ -18,16 +18,19 @@ pub fn inspect(
     let table = super::read_committed(output, store, "output", version)?;
     let latest: Vec<_> = table.latest_rows().into_iter().cloned().collect();
     let errors = table.current_errors();
+    // A table written before verger superseded records may hold several per key: counted
+    // as the current ones (the latest of each key).
+    let superseded: u64 = table.commits.iter().map(|c| c.superseded).sum();
+    let deleted: u64 = table.commits.iter().map(|c| c.deleted).sum();
     writeln!(
         out,
-        "{output}: Delta version {}, {} committed epochs, {} rows ({} keys, {} superseded by a newer version), {} error records ({} superseded by a successful retry)",
+        "{output}: Delta version {}, {} committed epochs, {} rows, {} error records; earlier versions also hold {} records superseded by newer ones and {} of objects deleted from the input (--version N reads them)",
         table.version.unwrap_or_default(),
         table.commits.len(),
-        table.rows.len(),
         latest.len(),
-        table.rows.len() - latest.len(),
         errors.len(),
-        table.errors.len() - errors.len()
+        superseded,
+        deleted,
     )?;
     // How the rows were made: model and derivation in the table's metadata (an output refuses
     // a run with others), and the extra columns of a label pattern.

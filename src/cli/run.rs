@@ -45,6 +45,8 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// Whether an empty input is a success.
     pub allow_empty: bool,
+    /// Whether rows of objects deleted from the input stay in the snapshot.
+    pub keep_deleted: bool,
     /// A head directory to predict every row's label with.
     pub head: Option<std::path::PathBuf>,
 }
@@ -57,6 +59,7 @@ impl Default for Service {
             progress: false,
             connect_timeout: verger::cluster::CONNECT_TIMEOUT,
             allow_empty: false,
+            keep_deleted: false,
             head: None,
         }
     }
@@ -147,6 +150,8 @@ pub fn run_job(
         head,
         orientation: engine.orientation,
         labels: engine.label_rule(),
+        keep_deleted: service.keep_deleted,
+        checkpoint_interval: engine.checkpoint_interval,
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));

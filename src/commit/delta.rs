@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake_core::kernel::{Action, Add, StructType, Transaction};
+use deltalake_core::kernel::{Action, Add, Remove, StructType, Transaction};
 use deltalake_core::operations::create::CreateBuilder;
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
 use deltalake_core::{DeltaTable, DeltaTableBuilder, TableProperty};
@@ -86,7 +86,7 @@ pub struct Identity {
 }
 
 /// The record of one committed epoch, in its Delta version's commitInfo (`verger` key).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochCommit {
     /// The epoch.
     pub epoch: Epoch,
@@ -111,6 +111,18 @@ pub struct EpochCommit {
     /// When its files were all published and the commit made, in ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_ms: Option<u64>,
+    /// Files of earlier epochs rewritten without the records this epoch removed (added).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewritten: Vec<WrittenFile>,
+    /// Files this epoch removed from the snapshot (each rewritten, or left with no record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    /// Older records of this epoch's keys that it removed (replaced objects, retried reads).
+    #[serde(default)]
+    pub superseded: u64,
+    /// Records it removed because their object was deleted from the input.
+    #[serde(default)]
+    pub deleted: u64,
 }
 
 /// An epoch being committed, with the rows that the source counts once it is.
@@ -122,6 +134,12 @@ pub struct CommittedEpoch {
     pub rows: Vec<RowId>,
     /// Its error records of failed reads (stage `fetch`): what watch mode lists again.
     pub failed_reads: Vec<RowId>,
+    /// Each of its files with the keys of its records.
+    pub file_keys: Vec<(String, Vec<String>)>,
+    /// Keys deleted from the input (hashes) whose records it removes.
+    pub deleted: Vec<crate::commit::KeyHash>,
+    /// The records that removal took out, with their epochs (once committed).
+    pub deleted_rows: Vec<(Epoch, RowId)>,
 }
 
 /// Where an output's Delta table is and how delta-rs reaches it.
@@ -238,17 +256,26 @@ impl DeltaOutput {
     /// Creates the table with verger's schema and `identity` in its metadata. Retried through
     /// a store outage; a creation that landed although its request failed is found by the
     /// next attempt, which then only checks that the table is verger's.
-    pub async fn create(&self, identity: &Identity) -> Result<(), CommitError> {
+    /// A checkpoint is written every `checkpoint_interval` versions.
+    pub async fn create(
+        &self,
+        identity: &Identity,
+        checkpoint_interval: u64,
+    ) -> Result<(), CommitError> {
         self.retrying("creating the table", || async {
             match self.open_once(None).await? {
                 Some(table) => identity_of(self, &table).map(|_| ()),
-                None => self.create_once(identity).await,
+                None => self.create_once(identity, checkpoint_interval).await,
             }
         })
         .await
     }
 
-    async fn create_once(&self, identity: &Identity) -> Result<(), CommitError> {
+    async fn create_once(
+        &self,
+        identity: &Identity,
+        checkpoint_interval: u64,
+    ) -> Result<(), CommitError> {
         let schema = table::table_schema(&identity.columns);
         let kernel: StructType = schema
             .as_ref()
@@ -268,7 +295,7 @@ impl DeltaOutput {
             .with_raise_if_key_not_exists(false)
             .with_configuration_property(
                 TableProperty::CheckpointInterval,
-                Some(CHECKPOINT_INTERVAL.to_string()),
+                Some(checkpoint_interval.max(1).to_string()),
             )
             .with_configuration([
                 (MODEL_KEY.to_string(), Some(identity.model.clone())),
@@ -339,20 +366,30 @@ impl DeltaOutput {
             };
         }
         let now = crate::commit::unix_ms(std::time::SystemTime::now()) as i64;
-        let actions = epoch
-            .files
-            .iter()
-            .map(|f| {
-                Action::Add(Add {
-                    path: f.key.clone(),
-                    size: f.bytes as i64,
-                    modification_time: now,
-                    data_change: true,
-                    stats: Some(f.stats.clone()),
-                    ..Default::default()
-                })
+        let adds = epoch.files.iter().chain(&epoch.rewritten).map(|f| {
+            Action::Add(Add {
+                path: f.key.clone(),
+                size: f.bytes as i64,
+                modification_time: now,
+                data_change: true,
+                stats: Some(f.stats.clone()),
+                ..Default::default()
             })
-            .collect();
+        });
+        let removes = epoch.removed.iter().map(|path| {
+            Action::Remove(Remove {
+                path: path.clone(),
+                data_change: true,
+                deletion_timestamp: Some(now),
+                ..Default::default()
+            })
+        });
+        let actions = adds.chain(removes).collect();
+        // An epoch that only adds is an append; one that also removes updates the table.
+        let output_mode = match epoch.removed.is_empty() {
+            true => OutputMode::Append,
+            false => OutputMode::Update,
+        };
         let record = serde_json::to_value(epoch).map_err(|source| CommitError::Json {
             key: format!("commit of epoch {}", epoch.epoch),
             source,
@@ -376,7 +413,7 @@ impl DeltaOutput {
                 Some(snapshot),
                 table.log_store(),
                 DeltaOperation::StreamingUpdate {
-                    output_mode: OutputMode::Append,
+                    output_mode,
                     query_id: APP_ID.to_string(),
                     epoch_id: epoch.epoch as i64,
                 },
@@ -481,6 +518,9 @@ pub async fn epoch_commits(table: &DeltaTable) -> Result<Vec<EpochCommit>, Commi
     Ok(out)
 }
 
+/// Files whose key index start-up reads at once.
+const INDEX_READS: usize = 16;
+
 /// What earlier runs committed to an output.
 #[derive(Debug, Default)]
 pub struct Committed {
@@ -498,13 +538,21 @@ pub struct Committed {
     pub rows: Vec<(Epoch, RowId)>,
     /// The files of the table's snapshot.
     pub files: Vec<String>,
+    /// Which file holds each key's record, and whether the key is in the run's scope.
+    pub index: crate::commit::SnapshotIndex,
 }
 
 impl Committed {
     /// Reads the table's snapshot: its identity, txn version and the key, version and label
-    /// (or stage) of every committed row and error record. An output in verger's earlier
-    /// layout, or a Delta table that another tool made, is refused.
-    pub async fn load(output: &DeltaOutput, store: &dyn ObjectStore) -> Result<Self, CommitError> {
+    /// (or stage) of every committed row and error record, each key marked with whether
+    /// `in_scope` holds it (the run's prefix and filters: only such keys can be found
+    /// deleted from the input). An output in verger's earlier layout, or a Delta table that
+    /// another tool made, is refused.
+    pub async fn load(
+        output: &DeltaOutput,
+        store: &dyn ObjectStore,
+        in_scope: &dyn Fn(&str) -> bool,
+    ) -> Result<Self, CommitError> {
         refuse_old_layout(output, store).await?;
         let Some(table) = output.open(None).await? else {
             return Ok(Self::default());
@@ -514,10 +562,25 @@ impl Committed {
         let mut files = table_files(output, &table)?;
         files.sort();
         let (mut handled, mut rows) = (Vec::new(), Vec::new());
-        for file in &files {
-            for entry in table::read_index(store, file).await? {
-                // Every record of a file has its epoch; the index does not read the column.
-                let epoch = epoch_of_file(file).unwrap_or_default();
+        let mut index = crate::commit::SnapshotIndex::default();
+        // Several reads at once: on S3 each file is a round trip.
+        use futures::{StreamExt, TryStreamExt};
+        let mut indexes = futures::stream::iter(files.clone())
+            .map(|file| async move {
+                let entries = table::read_index(store, &file).await?;
+                Ok::<_, CommitError>((file, entries))
+            })
+            .buffered(INDEX_READS);
+        while let Some((file, entries)) = indexes.try_next().await? {
+            let epoch = epoch_of_file(&file).unwrap_or_default();
+            index.add_file(
+                file,
+                entries
+                    .iter()
+                    .map(|e| (e.row.key.as_str(), in_scope(&e.row.key))),
+            );
+            // Every record of a file has its epoch; the index does not read the column.
+            for entry in entries {
                 if entry.stage != Some(Stage::Fetch) {
                     handled.push((epoch, entry.row.key.clone(), entry.row.etag.clone()));
                 }
@@ -534,6 +597,7 @@ impl Committed {
             handled,
             rows,
             files,
+            index,
         })
     }
 

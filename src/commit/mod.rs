@@ -12,19 +12,24 @@
 //! redone by later runs until it commits.
 
 pub mod delta;
+pub mod snapshot;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
-use timely::dataflow::operators::{Exchange, Inspect};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, Exchange, Inspect};
 use timely::dataflow::StreamVec;
 
 use crate::error::StageError;
 use crate::operators::{async_map, fold_epochs, StageContext};
 use crate::record::{Epoch, FileKind, Published, RowId, WorkerFailed};
+use crate::storage::ObjectStore;
 pub use delta::{
     CommitError, Committed, CommittedEpoch, DeltaOutput, EpochCommit, Identity, LOG_PREFIX,
 };
+pub use snapshot::{key_hash, KeyHash, SnapshotIndex};
 
 /// What the commit stage tells the source about one committed epoch.
 #[derive(Clone, Debug)]
@@ -35,6 +40,9 @@ pub struct CommitReport {
     pub rows: Vec<RowId>,
     /// Its failed reads (for watch mode to list again).
     pub failed_reads: Vec<RowId>,
+    /// The records it removed because their key was deleted from the input, with the
+    /// epoch of each (for the source's state: a deleted key is new again if it comes back).
+    pub deleted: Vec<(Epoch, RowId)>,
 }
 
 /// The source's end of the commit stage's reports: committed epochs, oldest first. Owned by
@@ -78,6 +86,21 @@ pub struct CommitSettings {
     pub reports: CommitReports,
     /// When the run started (ms since the Unix epoch), written into every commit record.
     pub run_started_ms: u64,
+    /// The output store, where superseded records' files are rewritten.
+    pub store: Arc<dyn ObjectStore>,
+    /// Which file holds each key's current record (filled from the table at start-up).
+    pub index: Arc<std::sync::Mutex<SnapshotIndex>>,
+}
+
+/// What the committing worker gathers for one epoch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum EpochPart {
+    /// A worker's published file.
+    File(Published),
+    /// A worker that could not finish the epoch.
+    Failed(WorkerFailed),
+    /// A key deleted from the input (its hash): its records leave the snapshot.
+    Deleted(KeyHash),
 }
 
 /// The commit stage: gathers every worker's published files on worker 0, commits each
@@ -85,6 +108,7 @@ pub struct CommitSettings {
 /// a worker failed is not committed. Its output is the committed epochs, for a probe.
 pub fn stage<'s>(
     published: StreamVec<'s, Epoch, Result<Published, WorkerFailed>>,
+    deleted: StreamVec<'s, Epoch, KeyHash>,
     ctx: &StageContext,
     settings: CommitSettings,
 ) -> StreamVec<'s, Epoch, Option<CommittedEpoch>> {
@@ -97,22 +121,31 @@ pub fn stage<'s>(
         lease_lost,
         reports,
         run_started_ms,
+        store,
+        index,
     } = settings;
     let fatal = ctx.fatal.clone();
+    let parts = published
+        .map(|p| match p {
+            Ok(file) => EpochPart::File(file),
+            Err(failed) => EpochPart::Failed(failed),
+        })
+        .concat(deleted.map(EpochPart::Deleted));
     let epochs = fold_epochs(
-        published.exchange(|_| 0),
+        parts.exchange(|_| 0),
         "GatherEpoch",
-        |_| (Vec::new(), None),
-        |(files, failed): &mut (Vec<Published>, Option<WorkerFailed>), file, _| match file {
-            Ok(f) => files.push(f),
-            Err(e) => {
-                failed.get_or_insert(e);
+        |_| Gathered::default(),
+        |g: &mut Gathered, part, _| match part {
+            EpochPart::File(f) => g.files.push(f),
+            EpochPart::Deleted(hash) => g.deleted.push(hash),
+            EpochPart::Failed(e) => {
+                g.failed.get_or_insert(e);
             }
         },
-        move |epoch, (files, failed), out| match failed {
+        move |epoch, g, out| match g.failed {
             None => out.push(gather(
                 epoch,
-                files,
+                (g.files, g.deleted),
                 (&run, run_started_ms),
                 (&model, &weights_sha256, &derivation),
             )),
@@ -128,7 +161,12 @@ pub fn stage<'s>(
     let (ctx_in, metrics) = (ctx.clone(), ctx.metrics.clone());
     let table = Arc::new(tokio::sync::Mutex::new(None));
     async_map(epochs, "Commit", ctx, 1, None, move |epoch| {
-        let target = (output.clone(), table.clone());
+        let target = Target {
+            output: output.clone(),
+            table: table.clone(),
+            store: store.clone(),
+            index: index.clone(),
+        };
         commit(target, epoch, ctx_in.clone(), lease_lost.clone())
     })
     .inspect(move |committed: &Option<CommittedEpoch>| {
@@ -140,6 +178,8 @@ pub fn stage<'s>(
             epoch = m.epoch,
             rows = m.rows,
             errors = m.errors,
+            superseded = m.superseded,
+            deleted = m.deleted,
             "epoch committed"
         );
         // The source may be gone already (a failing run): nothing left to tell.
@@ -147,26 +187,43 @@ pub fn stage<'s>(
             commit: m.clone(),
             rows: c.rows.clone(),
             failed_reads: c.failed_reads.clone(),
+            deleted: c.deleted_rows.clone(),
         });
     })
 }
 
-/// The commit of `epoch` from every worker's published files.
+/// What the committing worker holds of an epoch until it is finished everywhere.
+#[derive(Default)]
+struct Gathered {
+    files: Vec<Published>,
+    deleted: Vec<KeyHash>,
+    failed: Option<WorkerFailed>,
+}
+
+/// The commit of `epoch` from every worker's published files and the keys deleted from the
+/// input.
 fn gather(
     epoch: Epoch,
-    published: Vec<Published>,
+    (published, mut deleted): (Vec<Published>, Vec<KeyHash>),
     (run, run_started_ms): (&str, u64),
     (model, weights_sha256, derivation): (&str, &str, &str),
 ) -> CommittedEpoch {
     let mut files = Vec::with_capacity(published.len());
     let (mut rows, mut failed_reads) = (Vec::new(), Vec::new());
+    let mut file_keys = Vec::with_capacity(published.len());
     for p in published {
+        file_keys.push((
+            p.file.key.clone(),
+            p.rows.iter().map(|r| r.key.clone()).collect(),
+        ));
         match p.file.kind {
             FileKind::Data => rows.extend(p.rows),
-            FileKind::Errors => failed_reads.extend(p.rows),
+            FileKind::Errors => failed_reads.extend(p.failed_reads),
         }
         files.push(p.file);
     }
+    deleted.sort_unstable();
+    deleted.dedup();
     files.sort_by(|a, b| a.key.cmp(&b.key));
     let count = |kind| {
         files
@@ -186,11 +243,15 @@ fn gather(
         files,
         run_started_ms: Some(run_started_ms),
         committed_ms: Some(unix_ms(std::time::SystemTime::now())),
+        ..EpochCommit::default()
     };
     CommittedEpoch {
         commit,
         rows,
         failed_reads,
+        file_keys,
+        deleted,
+        deleted_rows: Vec::new(),
     }
 }
 
@@ -200,17 +261,30 @@ pub fn unix_ms(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Commits the epoch's Delta version, unless the lease is lost or the run is failing. The
-/// table is opened at the first commit and kept, up to date, for the next ones.
+/// Where the commit stage commits: the table (opened at the first commit and kept, up to
+/// date, for the next ones), the output store and the snapshot's index.
+struct Target {
+    output: DeltaOutput,
+    table: Arc<tokio::sync::Mutex<Option<deltalake_core::DeltaTable>>>,
+    store: Arc<dyn ObjectStore>,
+    index: Arc<std::sync::Mutex<SnapshotIndex>>,
+}
+
+/// Commits the epoch's Delta version, unless the lease is lost or the run is failing: its
+/// files, and the rewrites that take its keys' older records and its deleted keys' records
+/// out of the snapshot.
 async fn commit(
-    (output, table): (
-        DeltaOutput,
-        Arc<tokio::sync::Mutex<Option<deltalake_core::DeltaTable>>>,
-    ),
-    epoch: CommittedEpoch,
+    target: Target,
+    mut epoch: CommittedEpoch,
     ctx: StageContext,
     lease_lost: Arc<AtomicBool>,
 ) -> Option<CommittedEpoch> {
+    let Target {
+        output,
+        table,
+        store,
+        index,
+    } = target;
     let e = epoch.commit.epoch;
     if lease_lost.load(Ordering::Acquire) {
         ctx.fatal.set(StageError::LeaseLost {
@@ -223,9 +297,36 @@ async fn commit(
         return None; // the run is failing, for a reason already recorded
     }
     let mut table = table.lock().await;
-    let committed = output.commit(&mut table, &epoch.commit);
+    let committed = async {
+        let new_keys: Vec<&str> = epoch
+            .file_keys
+            .iter()
+            .flat_map(|(_, keys)| keys.iter().map(String::as_str))
+            .collect();
+        let run = epoch.commit.run.clone();
+        let removal =
+            snapshot::supersede(store.as_ref(), &index, (e, &run), &new_keys, &epoch.deleted)
+                .await?;
+        epoch.commit.rewritten = removal.rewritten.clone();
+        epoch.commit.removed = removal.removed.clone();
+        epoch.commit.superseded = removal.superseded;
+        epoch.commit.deleted = removal.deleted.len() as u64;
+        output.commit(&mut table, &epoch.commit).await?;
+        let files = epoch
+            .file_keys
+            .iter()
+            .map(|(path, keys)| (path.clone(), keys.iter().map(String::as_str).collect()));
+        index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&removal, &epoch.deleted, files);
+        Ok::<_, CommitError>(removal.deleted)
+    };
     match ctx.metrics.request(committed).await {
-        Ok(()) => Some(epoch),
+        Ok(deleted) => {
+            epoch.deleted_rows = deleted;
+            Some(epoch)
+        }
         Err(source) => {
             ctx.fatal.set(StageError::Commit { epoch: e, source });
             None

@@ -66,6 +66,11 @@ pub struct RunConfig {
     pub orientation: crate::decode::Orientation,
     /// Which part of a key is its label (and which extra columns it gives).
     pub labels: crate::label::LabelRule,
+    /// Keep the rows of keys that a complete listing no longer holds (deleted from the
+    /// input) instead of removing them from the table's snapshot.
+    pub keep_deleted: bool,
+    /// Delta versions between checkpoints of a table this run creates.
+    pub checkpoint_interval: u64,
 }
 
 /// How large one input object may be: what keeps a worker's memory bounded whatever the
@@ -121,6 +126,8 @@ impl RunConfig {
             head: None,
             orientation: crate::decode::Orientation::default(),
             labels: crate::label::LabelRule::default(),
+            keep_deleted: false,
+            checkpoint_interval: crate::commit::delta::CHECKPOINT_INTERVAL,
         }
     }
 }
@@ -472,8 +479,9 @@ fn resume_and_run(
     let started = Instant::now();
     let _ = config.metrics.run_started.set(started);
     let delta = DeltaOutput::of(output.as_ref(), &config.store).map_err(RunError::Resume)?;
+    let in_scope = |key: &str| key.starts_with(&config.prefix) && config.filter.accepts(key);
     let committed = runtime
-        .block_on(Committed::load(&delta, output.as_ref()))
+        .block_on(Committed::load(&delta, output.as_ref(), &in_scope))
         .map_err(RunError::Resume)?;
     let (model, weights) = (&embedder.spec().name, embedder.weights_sha256());
     if let Some(head) = &config.head {
@@ -491,7 +499,7 @@ fn resume_and_run(
         // Process 0 makes the table, before any peer can commit.
         None if lease.is_some() => {
             runtime
-                .block_on(delta.create(&identity))
+                .block_on(delta.create(&identity, config.checkpoint_interval))
                 .map_err(RunError::Resume)?;
         }
         None => {}

@@ -35,7 +35,7 @@ use crate::novelty::Novelty;
 use crate::operators::Gate;
 use crate::record::Epoch;
 use crate::sink::{self, writer::Naming};
-use crate::source::{self, Driver, KeyInput};
+use crate::source::{self, DeletionInput, Driver, KeyInput};
 use crate::{decode, fetch};
 
 /// Featurizes every image of `config.input` not yet committed in `config.output`.
@@ -88,6 +88,8 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
     let decoding = job.decoding();
     let (reports, feed) = commit::channel();
     let mut keys: KeyInput = InputHandle::new();
+    let mut deletions: DeletionInput = InputHandle::new();
+    let index = Arc::new(std::sync::Mutex::new(commit::SnapshotIndex::default()));
     let probe: ProbeHandle<Epoch> = ProbeHandle::new();
 
     worker.dataflow::<Epoch, _, _>(|scope| {
@@ -121,15 +123,19 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             lease_lost: job.lease_lost.clone(),
             reports,
             run_started_ms: job.started_ms,
+            store: job.output.clone(),
+            index: index.clone(),
         };
-        commit::stage(published, ctx, settings).probe_with(&probe);
+        let deleted = source::deletions(scope, &mut deletions);
+        commit::stage(published, deleted, ctx, settings).probe_with(&probe);
     });
 
     keys.advance_to(job.first_epoch);
+    deletions.advance_to(job.first_epoch);
     let mut novelty = Novelty::build(worker, ctx.metrics.clone());
     let (mut stops, stopped_by) = stop_requests(worker);
     if worker.index() != 0 {
-        drop((keys, novelty, feed));
+        drop((keys, deletions, novelty, feed));
         let process = config.cluster.as_ref().map_or(0, |c| c.process);
         let mut asked = false;
         while !probe.done() {
@@ -150,6 +156,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         for (epoch, row) in seed.rows {
             novelty.add_rows(epoch, [row]);
         }
+        *index.lock().unwrap_or_else(|e| e.into_inner()) = seed.index;
     }
     let mut driver = Driver::new(
         keys,
@@ -160,6 +167,11 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         config.filter.clone(),
         ctx.metrics.clone(),
     );
+    match config.keep_deleted {
+        // Closed at once: only the keys' input then holds epochs open.
+        true => drop(deletions),
+        false => driver.track_deletions(deletions, index),
+    }
     let stop = || {
         ctx.fatal.is_set()
             || config.stop.load(Ordering::Relaxed)

@@ -122,6 +122,7 @@ async fn publish(
                     stats: staged.stats,
                 },
                 rows: staged.ids,
+                failed_reads: staged.failed_reads,
             })
         }
         Err(source) => {

@@ -32,9 +32,11 @@ pub struct StagedFile {
     pub rows: u64,
     /// Its Delta statistics (JSON), for the Add action that commits it.
     pub stats: String,
-    /// The rows of a data file, for the incremental per-label counts; for an errors file,
-    /// the versions whose read failed (stage `fetch`), which watch mode retries.
+    /// Every record's key and version (and a row's label): the per-label counts, and what
+    /// the epoch's commit supersedes.
     pub ids: Vec<RowId>,
+    /// The versions whose read failed (stage `fetch`), which watch mode retries.
+    pub failed_reads: Vec<RowId>,
 }
 
 /// Where and under which names one worker stages its files.
@@ -67,6 +69,7 @@ struct TableWriter<R> {
     pending: Vec<R>,
     rows: u64,
     ids: Vec<RowId>,
+    failed_reads: Vec<RowId>,
     stats: table::FileStats,
 }
 
@@ -91,6 +94,7 @@ impl<R> TableWriter<R> {
             pending: Vec::new(),
             rows: 0,
             ids: Vec::new(),
+            failed_reads: Vec::new(),
             stats: table::FileStats::default(),
         })
     }
@@ -134,6 +138,7 @@ impl<R> TableWriter<R> {
             rows: self.rows,
             stats: self.stats.to_json(self.epoch),
             ids: self.ids,
+            failed_reads: self.failed_reads,
         })
     }
 }
@@ -202,13 +207,15 @@ impl EpochWriter {
                 self.metrics.failed.inc();
                 let w = self.errors.as_mut().expect("just created");
                 w.stats.observe(&failure.key, None, Some(failure.stage));
+                let id = RowId {
+                    key: failure.key.clone(),
+                    etag: failure.etag.clone(),
+                    label: None,
+                };
                 if failure.stage == Stage::Fetch {
-                    w.ids.push(RowId {
-                        key: failure.key.clone(),
-                        etag: failure.etag.clone(),
-                        label: None,
-                    });
+                    w.failed_reads.push(id.clone());
                 }
+                w.ids.push(id);
                 w.push(failure, |rows| {
                     table::errors_batch(rows, &model, epoch, &naming.columns)
                 })

@@ -70,6 +70,8 @@ struct Shared {
     /// PUTs whose path contains this string: the first `.1` are forwarded as usual, the next
     /// `.2` are forwarded but their answer is lost (the connection reset).
     lost_puts: Mutex<Option<(String, u64, u64)>>,
+    /// PUTs whose path contains this string are answered `503 SlowDown`, this many times.
+    slow_puts: Mutex<Option<(String, u64)>>,
 }
 
 /// What happens to one request.
@@ -123,6 +125,7 @@ impl FaultProxy {
             client: Client::builder(TokioExecutor::new()).build_http(),
             failing_gets: Mutex::new(None),
             lost_puts: Mutex::new(None),
+            slow_puts: Mutex::new(None),
             denied_query: Mutex::new(None),
         });
         let (stop, stopped) = oneshot::channel();
@@ -157,6 +160,12 @@ impl FaultProxy {
     /// request failed, as a timeout after the write looks to the client.
     pub fn lose_put_answers(&self, path_part: &str, skip: u64, times: u64) {
         *self.shared.lost_puts.lock().unwrap() = Some((path_part.to_string(), skip, times));
+    }
+
+    /// From now on, the next `times` PUT requests whose path contains `path_part` are
+    /// answered `503 SlowDown` (not forwarded), as S3 does under load.
+    pub fn slow_down_puts(&self, path_part: &str, times: u64) {
+        *self.shared.slow_puts.lock().unwrap() = Some((path_part.to_string(), times));
     }
 
     /// From now on, every request whose query string contains `query_part` (`uploads`: the
@@ -278,6 +287,16 @@ async fn handle(
                     "InternalError",
                     "injected by the test",
                 ));
+            }
+        }
+    }
+    if req.method() == hyper::Method::PUT {
+        let mut slow = shared.slow_puts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((part, left)) = slow.as_mut() {
+            if *left > 0 && req.uri().path().contains(part.as_str()) {
+                *left -= 1;
+                shared.slowdowns.fetch_add(1, Ordering::Relaxed);
+                return Ok(slow_down());
             }
         }
     }

@@ -145,13 +145,22 @@ pub fn read_output(output: &Path) -> Table {
 
 /// The committed content of any output location (directory or s3://).
 pub fn read_location(location: &str, options: &verger::storage::StoreOptions) -> Table {
+    read_location_at(location, options, None)
+}
+
+/// The snapshot of Delta version `version` of an output (time travel), or its latest.
+pub fn read_location_at(
+    location: &str,
+    options: &verger::storage::StoreOptions,
+    version: Option<u64>,
+) -> Table {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let store = verger::storage::open(location, false, options)
             .await
             .unwrap();
         let delta = verger::commit::DeltaOutput::of(store.as_ref(), options).unwrap();
-        verger::sink::reader::read_table(store.as_ref(), &delta, None)
+        verger::sink::reader::read_table(store.as_ref(), &delta, version)
             .await
             .unwrap()
     })
