@@ -424,6 +424,18 @@ pub fn index_of(batch: &RecordBatch, file: &str) -> Result<Vec<IndexEntry>, Tabl
     Ok(out)
 }
 
+/// The int64 `epoch` column of `batch`, read from `file`.
+pub fn epochs_of<'a>(batch: &'a RecordBatch, file: &str) -> Result<&'a Int64Array, TableError> {
+    batch
+        .column_by_name("epoch")
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
+        .ok_or_else(|| TableError::Column {
+            key: file.to_string(),
+            column: "epoch",
+            expected: "int64",
+        })
+}
+
 /// `batches` as one Parquet file with the table's settings (a file rewritten without some
 /// of its records), named `key` in errors.
 pub fn parquet_bytes(batches: &[RecordBatch], key: &str) -> Result<Vec<u8>, TableError> {
@@ -464,14 +476,7 @@ pub fn decode_records(batch: &RecordBatch, file: &str) -> Result<Records, TableE
     let reason = strings(batch, "reason", file)?;
     let width = int32s(batch, "width", file)?;
     let height = int32s(batch, "height", file)?;
-    let epochs = batch
-        .column_by_name("epoch")
-        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
-        .ok_or_else(|| TableError::Column {
-            key: file.to_string(),
-            column: "epoch",
-            expected: "int64",
-        })?;
+    let epochs = epochs_of(batch, file)?;
     let embedding = column(batch, "embedding", file, "list<float32>")?.as_list::<i32>();
     let prediction = strings(batch, "prediction", file)?;
     let confidence = column(batch, "confidence", file, "float32")?.as_primitive::<Float32Type>();

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
-use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::array::{BooleanArray, RecordBatch};
 use bytes::Bytes;
 
 use crate::error::CommitError;
@@ -284,13 +284,7 @@ fn keep_mask(
     drops: &Drops,
 ) -> Result<(BooleanArray, Vec<Seen>), CommitError> {
     let index = table::index_of(batch, path)?;
-    let epochs = batch
-        .column_by_name("epoch")
-        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
-        .ok_or_else(|| CommitError::Invalid {
-            key: path.to_string(),
-            reason: "no int64 column `epoch`".into(),
-        })?;
+    let epochs = table::epochs_of(batch, path)?;
     let mut keep = Vec::with_capacity(index.len());
     let mut seen = Vec::with_capacity(index.len());
     for (i, entry) in index.into_iter().enumerate() {
