@@ -135,26 +135,37 @@ fn large_file_is_uploaded_in_parts_and_reads_back_equal() {
     opts.multipart_threshold = 5 << 20;
     opts.part_size = 5 << 20;
     rt.block_on(async {
-        let store = verger::storage::open("s3://parts/out", false, &opts)
+        let own = verger::storage::open("s3://parts/out", false, &opts)
             .await
             .unwrap();
-        store.put_file("data/big.bin", &path).await.unwrap();
-        assert!(!path.exists(), "the staged file is removed once uploaded");
-        let back = store.get("data/big.bin").await.unwrap();
-        assert!(back[..] == data[..], "content differs");
-        let head = client
-            .head_object()
-            .bucket("parts")
-            .key("out/data/big.bin")
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            head.e_tag().unwrap_or_default().ends_with("-3\""),
-            "{:?}",
-            head.e_tag()
-        );
-        assert_eq!(open_uploads(&client, "parts", "out/").await, 0);
+        let delta = verger::commit::DeltaOutput::of(own.as_ref(), &opts).unwrap();
+        // verger's S3 client, and the table's files through delta-rs's object store.
+        for (store, key) in [
+            (own.clone(), "data/big.bin"),
+            (delta.files(own, &opts).unwrap(), "data/big-table.bin"),
+        ] {
+            std::fs::write(&path, &data).unwrap();
+            store.put_file(key, &path).await.unwrap();
+            assert!(
+                !path.exists(),
+                "{key}: the staged file is removed once uploaded"
+            );
+            let back = store.get(key).await.unwrap();
+            assert!(back[..] == data[..], "{key}: content differs");
+            let head = client
+                .head_object()
+                .bucket("parts")
+                .key(format!("out/{key}"))
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                head.e_tag().unwrap_or_default().ends_with("-3\""),
+                "{key}: {:?}",
+                head.e_tag()
+            );
+            assert_eq!(open_uploads(&client, "parts", "out/").await, 0, "{key}");
+        }
     });
 }
 
@@ -266,6 +277,65 @@ fn a_503_on_the_delta_log_put_is_retried_and_commits_once() {
     assert_eq!(table.version, Some(summary.epochs));
     assert_eq!(by_key(table.rows).len(), keys.len());
     rt.block_on(assert_clean_output(&client, "slowlog", "out/"));
+}
+
+/// One client per side: the images are listed and read by verger's S3 client (the AWS SDK),
+/// the Delta log and every data file it names are written and read through delta-rs's object
+/// store, and the lease beside the table stays on the SDK. Told apart by each request's
+/// `User-Agent`, as the proxy in front of the server received it.
+#[test]
+fn the_table_and_its_files_go_through_delta_rs_and_the_images_through_the_sdk() {
+    let (server, rt, client) = server_with_bucket("clients");
+    let keys = rt.block_on(upload_dir(&client, "clients", "in/", &sample_dir(), |k| {
+        k.starts_with("Test/apple/")
+    }));
+    let proxy = FaultProxy::start(&server.endpoint(), 0.0, 0.0, 5);
+    let cfg = s3_config(
+        "s3://clients/in",
+        "s3://clients/out",
+        2,
+        20,
+        options(&proxy.endpoint()),
+    );
+    let summary = run(&cfg);
+    assert_eq!(summary.embedded as usize, keys.len());
+    assert!(summary.epochs > 1, "several epochs, several data files");
+    // Read back through the proxy too: the reader's GETs of data files are the crate's.
+    let table = read_location("s3://clients/out", &options(&proxy.endpoint()));
+    assert_eq!(by_key(table.rows).len(), keys.len());
+    let seen = proxy.seen();
+    let sent_by = |method: &str, part: &str| -> Vec<String> {
+        seen.iter()
+            .filter(|r| r.method == method && r.path.contains(part))
+            .map(|r| r.agent.clone())
+            .collect()
+    };
+    let by_delta_rs = |agent: &String| agent.starts_with("object_store/");
+    let by_sdk = |agent: &String| agent.contains("aws-sdk-rust");
+    for (method, part, expected, from_delta_rs) in [
+        ("PUT", "/clients/out/data/", summary.epochs as usize, true),
+        ("GET", "/clients/out/data/", summary.epochs as usize, true),
+        (
+            "PUT",
+            "/clients/out/_delta_log/",
+            1 + summary.epochs as usize,
+            true,
+        ),
+        ("GET", "/clients/in/", keys.len(), false),
+        ("PUT", "/clients/out/_lease.json", 1, false),
+    ] {
+        let agents = sent_by(method, part);
+        assert!(
+            agents.len() >= expected,
+            "{method} {part}: {} requests, expected at least {expected}",
+            agents.len()
+        );
+        let (client, sent) = match from_delta_rs {
+            true => ("delta-rs's object store", agents.iter().all(by_delta_rs)),
+            false => ("the AWS SDK", agents.iter().all(by_sdk)),
+        };
+        assert!(sent, "{method} {part} not all sent by {client}: {agents:?}");
+    }
 }
 
 /// The S3 server is killed mid-run and started again on its data: the run completes and

@@ -29,6 +29,7 @@ pub fn read_committed(
         .block_on(verger::storage::open(output, false, &options))
         .map_err(|e| e.on_side(side))?;
     let delta = verger::commit::DeltaOutput::of(store.as_ref(), &options)?;
+    let store = runtime.block_on(async { delta.files(store, &options) })?;
     let table = runtime.block_on(verger::sink::reader::read_table(
         store.as_ref(),
         &delta,

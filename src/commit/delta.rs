@@ -14,17 +14,18 @@
 //!
 //! The Delta log is read and written by delta-rs (`deltalake-core`, S3 through
 //! `deltalake-aws`: a conditional put makes each version, no lock service); the data files
-//! are written and read through verger's own stores (crate::storage), which bring the
-//! retries, multipart uploads and error messages the rest of verger has.
+//! go through the same object store ([`DeltaOutput::files`]), so the log and the files it
+//! names share one client, credentials and retry policy, local or S3.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake_core::kernel::{Action, Add, Remove, StructType, Transaction};
+use deltalake_core::logstore::LogStore;
 use deltalake_core::operations::create::CreateBuilder;
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
 use deltalake_core::{DeltaTable, DeltaTableBuilder, TableProperty};
@@ -34,6 +35,7 @@ use url::Url;
 pub use crate::error::CommitError;
 use crate::record::{Epoch, FileKind, RowId, Stage, WrittenFile, FEATURE_DIM};
 use crate::storage::s3::OUTAGE_PAUSES;
+use crate::storage::table_files::TableFiles;
 use crate::storage::{check_key, ObjectStore, StoreOptions};
 use crate::table;
 
@@ -184,6 +186,10 @@ impl DeltaOutput {
             );
             // The SDK's default chain (profiles, EC2 roles) even with a custom endpoint.
             storage.insert("AWS_FORCE_CREDENTIAL_LOAD".into(), "true".into());
+            // As patient with the table's files as verger's client is with the images: the
+            // SDK's attempts and then the outage's, within object_store's 3 minutes.
+            let retries = options.max_attempts.saturating_sub(1) as usize + options.outage_retries;
+            storage.insert("max_retries".into(), retries.to_string());
             Url::parse(location.trim_end_matches('/')).map_err(|e| bad(e.to_string()))?
         } else {
             let root = store
@@ -217,6 +223,22 @@ impl DeltaOutput {
         Ok(DeltaTableBuilder::from_url(self.url.clone())
             .map_err(self.delta_error())?
             .with_storage_options(self.options.clone()))
+    }
+
+    /// `own` (the store of this output's location) with its table files read and written
+    /// through the object store delta-rs opens for the table: one client, credentials and
+    /// retry policy for the log and the files it names ([`TableFiles`]).
+    pub fn files(
+        &self,
+        own: Arc<dyn ObjectStore>,
+        options: &StoreOptions,
+    ) -> Result<Arc<dyn ObjectStore>, CommitError> {
+        let objects = self
+            .builder()?
+            .build_storage()
+            .map_err(self.delta_error())?
+            .object_store(None);
+        Ok(Arc::new(TableFiles::new(objects, own, options)))
     }
 
     /// The table at its latest version (or at `version`), or `None` if there is none yet.
@@ -557,8 +579,7 @@ impl Committed {
         let Some(table) = output.open(None).await? else {
             return Ok(Self::default());
         };
-        let identity = identity_of(output, &table)?;
-        let last_epoch = output.txn_version(&table).await?.map(|v| v as Epoch);
+        let head = Self::head_of(output, &table).await?;
         let mut files = table_files(output, &table)?;
         files.sort();
         let (mut handled, mut rows) = (Vec::new(), Vec::new());
@@ -591,13 +612,30 @@ impl Committed {
         }
         rows.sort_by_key(|(epoch, _)| *epoch);
         Ok(Self {
-            identity: Some(identity),
-            last_epoch,
-            version: table.version(),
             handled,
             rows,
             files,
             index,
+            ..head
+        })
+    }
+
+    /// Only the table's identity, txn version and Delta version, reading no data file: what
+    /// a process other than the first needs (the first epoch it may use, and the check that
+    /// the table is this run's), while the first process's source holds the records.
+    pub async fn load_head(output: &DeltaOutput) -> Result<Self, CommitError> {
+        match output.open(None).await? {
+            Some(table) => Self::head_of(output, &table).await,
+            None => Ok(Self::default()),
+        }
+    }
+
+    async fn head_of(output: &DeltaOutput, table: &DeltaTable) -> Result<Self, CommitError> {
+        Ok(Self {
+            identity: Some(identity_of(output, table)?),
+            last_epoch: output.txn_version(table).await?.map(|v| v as Epoch),
+            version: table.version(),
+            ..Self::default()
         })
     }
 

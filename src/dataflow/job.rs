@@ -341,6 +341,11 @@ pub(super) fn prepare_and_run(
     }
     // What the output holds, before anything is written there: verger's table, or nothing yet.
     let delta = DeltaOutput::of(output.as_ref(), &config.store).map_err(RunError::Resume)?;
+    // The table's files go through delta-rs's object store from here on; the lease, the
+    // listing and the clean-up stay on verger's store of the same location.
+    let output = runtime
+        .block_on(async { delta.files(output, &config.store) })
+        .map_err(RunError::Resume)?;
     runtime
         .block_on(delta.check(output.as_ref()))
         .map_err(RunError::Resume)?;
@@ -480,9 +485,13 @@ fn resume_and_run(
     let _ = config.metrics.run_started.set(started);
     let delta = DeltaOutput::of(output.as_ref(), &config.store).map_err(RunError::Resume)?;
     let in_scope = |key: &str| key.starts_with(&config.prefix) && config.filter.accepts(key);
-    let committed = runtime
-        .block_on(Committed::load(&delta, output.as_ref(), &in_scope))
-        .map_err(RunError::Resume)?;
+    // The records only where the source runs (worker 0, on process 0): a peer needs the
+    // epoch to go on from, not every file's keys.
+    let committed = match lease.is_some() {
+        true => runtime.block_on(Committed::load(&delta, output.as_ref(), &in_scope)),
+        false => runtime.block_on(Committed::load_head(&delta)),
+    }
+    .map_err(RunError::Resume)?;
     let (model, weights) = (&embedder.spec().name, embedder.weights_sha256());
     if let Some(head) = &config.head {
         head.check_model(model, weights)?;

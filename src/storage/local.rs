@@ -591,9 +591,14 @@ async fn write_temp_sibling(
     Ok(tmp)
 }
 
-/// Whether `name` is one of [`temp_sibling`]'s names: `.<name>.<nonce>.<pid>.tmp`.
+/// Whether `name` is one of [`temp_sibling`]'s names, `.<name>.<nonce>.<pid>.tmp`, or a
+/// staged write of the table's object store (`object_store`'s local store writes
+/// `<name>#<n>` and renames it into place).
 fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(".tmp")
+    let staged_by_object_store = name.rsplit_once('#').is_some_and(|(file, n)| {
+        !file.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    });
+    (name.starts_with('.') && name.ends_with(".tmp")) || staged_by_object_store
 }
 
 fn temp_sibling(target: &Path) -> PathBuf {
@@ -889,11 +894,13 @@ mod tests {
             "{again:?}"
         );
         assert_eq!(&store.get("errors/1.json").await.unwrap()[..], b"first");
-        // What a writer killed between write and rename leaves (hidden, so never listed).
+        // What a writer killed between write and rename leaves: verger's (hidden, so never
+        // listed) and the table's object store's (`<name>#<n>`).
         touch(dir.path(), "errors/.0000000002.json.18a2b.4242.tmp");
         touch(dir.path(), "data/.e0-w0-r.parquet.18a2b.4242.tmp");
+        touch(dir.path(), "data/e1-w0-r.parquet#1");
         touch(dir.path(), "data/e0-w0-r.parquet");
-        assert_eq!(store.remove_partial_writes().await.unwrap(), 2);
+        assert_eq!(store.remove_partial_writes().await.unwrap(), 3);
         let mut left: Vec<_> = std::fs::read_dir(dir.path().join("data"))
             .unwrap()
             .chain(std::fs::read_dir(dir.path().join("errors")).unwrap())

@@ -7,6 +7,7 @@
 pub mod listing;
 pub mod local;
 pub mod s3;
+pub mod table_files;
 
 use async_trait::async_trait;
 use bytes::Bytes;

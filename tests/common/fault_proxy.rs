@@ -72,6 +72,19 @@ struct Shared {
     lost_puts: Mutex<Option<(String, u64, u64)>>,
     /// PUTs whose path contains this string are answered `503 SlowDown`, this many times.
     slow_puts: Mutex<Option<(String, u64)>>,
+    /// Method, path and `User-Agent` of every request received, in order.
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// One request the proxy received: which client sent what.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// `GET`, `PUT`, `POST`...
+    pub method: String,
+    /// The path (bucket and key for path-style requests), without the query.
+    pub path: String,
+    /// The `User-Agent` header, empty if none.
+    pub agent: String,
 }
 
 /// What happens to one request.
@@ -127,6 +140,7 @@ impl FaultProxy {
             lost_puts: Mutex::new(None),
             slow_puts: Mutex::new(None),
             denied_query: Mutex::new(None),
+            seen: Mutex::new(Vec::new()),
         });
         let (stop, stopped) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -173,6 +187,11 @@ impl FaultProxy {
     /// that does not allow it would.
     pub fn deny_queries(&self, query_part: &str) {
         *self.shared.denied_query.lock().unwrap() = Some(query_part.to_string());
+    }
+
+    /// Every request received so far (injected faults included), in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
     }
 
     /// The proxy's URL, `http://127.0.0.1:PORT`, to use as the S3 endpoint.
@@ -260,6 +279,20 @@ async fn handle(
     twin: Arc<TcpStream>,
     abort: Arc<Notify>,
 ) -> Result<Response<Body>, Infallible> {
+    shared
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Seen {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            agent: req
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        });
     let denied = shared
         .denied_query
         .lock()

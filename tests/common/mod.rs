@@ -160,6 +160,7 @@ pub fn read_location_at(
             .await
             .unwrap();
         let delta = verger::commit::DeltaOutput::of(store.as_ref(), options).unwrap();
+        let store = delta.files(store, options).unwrap();
         verger::sink::reader::read_table(store.as_ref(), &delta, version)
             .await
             .unwrap()
