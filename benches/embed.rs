@@ -1,7 +1,8 @@
 //! `embed`: the network's forward pass on one thread at batch 1, 8 and 32, for every backend
-//! compiled in (images/s = batch / time), after tables of where the forward pass spends its
-//! time, layer by layer (median of 40 passes), with verger's fused kernels (flex) and with Burn's
-//! own operations (flex-plain). Run: `cargo bench --bench embed`.
+//! compiled in and for int8 on flex (images/s = batch / time), after tables of where the
+//! forward pass spends its time, layer by layer (median of 40 passes), with verger's fused
+//! kernels (flex, f32 and int8) and with Burn's own operations (flex-plain). Run:
+//! `cargo bench --bench embed` (`VERGER_ISA=avx2` measures the AVX2 kernels on an AVX-512 CPU).
 
 mod common;
 
@@ -15,7 +16,17 @@ use verger::embed::{Backend, ModelSpec};
 /// Prints the per-layer medians over `passes` forward passes on `backend` (and, for each fused
 /// block, the medians of its expansion, depthwise and projection kernels).
 fn layer_table(backend: Backend, pixels: &[u8], passes: usize) {
-    let embedder = common::embedder(backend);
+    layer_table_of(&common::embedder(backend), backend, "f32", pixels, passes);
+}
+
+/// [`layer_table`] of a loaded `embedder` on `backend`, in `precision`.
+fn layer_table_of(
+    embedder: &verger::embed::Embedder,
+    backend: Backend,
+    precision: &str,
+    pixels: &[u8],
+    passes: usize,
+) {
     let runs: Vec<Vec<LayerTime>> = (0..passes + 5)
         .map(|_| embedder.layer_times(pixels))
         .skip(5)
@@ -45,7 +56,7 @@ fn layer_table(backend: Backend, pixels: &[u8], passes: usize) {
         ),
         false => "Burn's own operations".to_string(),
     };
-    println!("{backend:?} forward pass ({path}), median of {passes}, one thread (ms):");
+    println!("{backend:?} {precision} forward pass ({path}), median of {passes}, one thread (ms):");
     println!("| layer | ms | share | expand | depthwise | project |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, (l, t)) in first.iter().zip(&medians).enumerate() {
@@ -70,6 +81,8 @@ fn embed(c: &mut Criterion) {
         .expect("decodes")
         .rgb;
     layer_table(Backend::Flex, &pixels, 40);
+    let int8 = common::int8_embedder();
+    layer_table_of(&int8, Backend::Flex, "int8", &pixels, 40);
     layer_table(Backend::FlexPlain, &pixels, 10);
     let mut group = c.benchmark_group("embed");
     group.sample_size(10);
@@ -84,6 +97,13 @@ fn embed(c: &mut Criterion) {
                 |b, images| b.iter(|| embedder.embed(images).expect("embeds")),
             );
         }
+    }
+    for batch in [1usize, 8, 32] {
+        let images: Vec<&[u8]> = (0..batch).map(|_| pixels.as_slice()).collect();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::new("FlexInt8", batch), &images, |b, images| {
+            b.iter(|| int8.embed(images).expect("embeds"))
+        });
     }
     group.finish();
 }

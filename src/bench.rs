@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::dataflow::Summary;
 
 /// Every file under `dir`, relative paths in sorted order.
-fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub fn files_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -99,6 +99,10 @@ fn dispatch(command: Command, out: &mut dyn Write) -> Result<Ending> {
             cli::model::fetch(out, &args)?;
             Ok(Ending::Done)
         }
+        Command::Model(ModelCommand::Calibrate(args)) => {
+            cli::model::calibrate(out, &args)?;
+            Ok(Ending::Done)
+        }
         Command::Model(ModelCommand::List { model_dir }) => {
             cli::model::list(out, model_dir.as_deref())?;
             Ok(Ending::Done)

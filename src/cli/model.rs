@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use verger::embed::{weights_file, Backend, Embedder, ModelSpec};
+use verger::embed::calibration::Calibration;
+use verger::embed::{weights_file, Backend, Embedder, ModelSpec, Precision};
 
-use super::args::ModelArgs;
+use super::args::{BackendArgs, CalibrateArgs, ModelArgs};
 
 /// Where the weights are, fetched (with a line on stderr) and verified if need be.
 pub fn weights(args: &ModelArgs) -> Result<PathBuf> {
@@ -28,11 +29,66 @@ pub fn weights(args: &ModelArgs) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The network with the weights `args` name, fetched and verified if need be, on `backend`.
-pub fn load_embedder(args: &ModelArgs, backend: Backend) -> Result<Embedder> {
+/// The network with the weights `args` name, fetched and verified if need be, on the backend
+/// and in the precision `backend` says.
+pub fn load_embedder(args: &ModelArgs, backend: &BackendArgs) -> Result<Embedder> {
     let spec = ModelSpec::named(&args.model)?;
     let path = weights(args)?;
-    Embedder::load(&spec, &path, backend).with_context(|| format!("loading {}", path.display()))
+    Embedder::load_with(&spec, &path, backend.backend, backend.precision)
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+/// `verger model calibrate`: the input ranges of every 1x1 layer over `--images` pictures of
+/// the folder (spread evenly over its files in key order, so every class is seen), written
+/// beside the weights for `--precision int8`.
+pub fn calibrate(out: &mut dyn std::io::Write, args: &CalibrateArgs) -> Result<()> {
+    let spec = ModelSpec::named(&args.model.model)?;
+    let path = weights(&args.model)?;
+    let files = verger::bench::files_under(&args.input)
+        .with_context(|| format!("listing {}", args.input.display()))?;
+    let mut pictures = Vec::new();
+    let mut skipped = 0;
+    let count = args.images.min(files.len());
+    for i in 0..count {
+        let file = args.input.join(&files[i * files.len() / count]);
+        let decoded = std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                verger::decode::decode_and_resize(&bytes, spec.input_size)
+                    .map_err(|e| e.to_string())
+            });
+        match decoded {
+            Ok(p) => pictures.push(p.rgb),
+            Err(reason) => {
+                skipped += 1;
+                tracing::warn!(file = %file.display(), %reason, "skipped: not an image verger decodes");
+            }
+        }
+    }
+    anyhow::ensure!(
+        !pictures.is_empty(),
+        "no image to calibrate on in {} ({} files, none decodes)",
+        args.input.display(),
+        files.len()
+    );
+    let refs: Vec<&[u8]> = pictures.iter().map(Vec::as_slice).collect();
+    let calibration = Embedder::calibrate(&spec, &path, &refs)?;
+    let dest = Calibration::path_beside(&path);
+    calibration.write(&dest)?;
+    writeln!(
+        out,
+        "{}: int8 input ranges of {} layers of {} from {} images of {}{}",
+        dest.display(),
+        calibration.ranges.len(),
+        Precision::Int8.model_name(&spec.name),
+        pictures.len(),
+        args.input.display(),
+        match skipped {
+            0 => String::new(),
+            n => format!(" ({n} files skipped: not images)"),
+        }
+    )?;
+    Ok(())
 }
 
 /// `verger model fetch`: the published weights into the cache (downloaded, or the `--weights`
@@ -50,7 +106,7 @@ pub fn fetch(out: &mut dyn std::io::Write, args: &ModelArgs) -> Result<()> {
         writeln!(out, "{}", cached.display())?;
         return Ok(());
     }
-    let embedder = load_embedder(args, Backend::default())?;
+    let embedder = Embedder::load(&spec, file, Backend::default())?;
     writeln!(
         out,
         "{}: fine-tuned weights for {} (SHA-256 {sha256}, not the published {}): every tensor fits{}",

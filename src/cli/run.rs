@@ -156,7 +156,7 @@ pub fn run_job(
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));
     let result = dataflow::run_loading(&config, || {
-        load_embedder(&engine.model, engine.backend.backend).map_err(Into::into)
+        load_embedder(&engine.model, &engine.backend).map_err(Into::into)
     });
     if let Some(bar) = bar {
         bar.finish();

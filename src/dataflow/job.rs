@@ -492,7 +492,7 @@ fn resume_and_run(
         false => runtime.block_on(Committed::load_head(&delta)),
     }
     .map_err(RunError::Resume)?;
-    let (model, weights) = (&embedder.spec().name, embedder.weights_sha256());
+    let (model, weights) = (&embedder.model_name(), embedder.weights_sha256());
     if let Some(head) = &config.head {
         head.check_model(model, weights)?;
     }

@@ -82,7 +82,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
         staging: job.staging.clone(),
         worker: worker.index(),
         run: job.run_id.clone(),
-        model: job.embedder.spec().name.clone(),
+        model: job.embedder.model_name(),
         columns: config.labels.columns().to_vec(),
     });
     let decoding = job.decoding();

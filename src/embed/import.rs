@@ -40,6 +40,15 @@ pub enum WeightsError {
         /// Its head's channels.
         width: usize,
     },
+    /// `--precision int8` without a usable calibration.
+    #[error(transparent)]
+    Calibration(#[from] super::calibration::CalibrationError),
+    /// `--precision int8` on a backend without verger's kernels.
+    #[error("--precision int8 runs on verger's fused kernels: use --backend flex (or ndarray), not {backend}")]
+    Int8Backend {
+        /// The backend asked for.
+        backend: String,
+    },
 }
 
 /// How the lukemelas-style names of the EfficientNet-Lite checkpoints (`_conv_stem`, `_bn0`,

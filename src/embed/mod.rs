@@ -13,6 +13,7 @@
 //! CPU backends are built without their rayon pools, the kernels are single-threaded), so `-w N`
 //! uses N cores and never oversubscribes them.
 
+pub mod calibration;
 pub mod extension;
 pub mod import;
 pub mod kernels;
@@ -23,10 +24,13 @@ pub mod weights_file;
 
 use crate::decode::normalise_interleaved_into;
 use burn::tensor::{Device, Tensor, TensorData};
+use calibration::Calibration;
 pub use import::WeightsError;
-use network::{LayerTime, Network, NetworkConfig};
+use kernels::RangeObserver;
+use network::{LayerTime, Network, NetworkConfig, PointwisePacking};
 use serde::Deserialize;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Width of the feature vector: channels of the head convolution.
 pub use crate::record::FEATURE_DIM;
@@ -233,6 +237,28 @@ impl Backend {
     }
 }
 
+/// The arithmetic of the network's 1x1 layers (the bulk of its multiply-adds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Precision {
+    /// float32, as trained.
+    #[default]
+    F32,
+    /// int8 weights (per output channel) and 7-bit activations (per tensor, ranges from
+    /// `verger model calibrate`), summed in i32; the stem and depthwise layers stay float32.
+    Int8,
+}
+
+impl Precision {
+    /// The model name rows record: `efficientnet-lite0`, or `efficientnet-lite0+int8`, so that
+    /// an output never mixes rows of two precisions.
+    pub fn model_name(self, model: &str) -> String {
+        match self {
+            Precision::F32 => model.to_string(),
+            Precision::Int8 => format!("{model}+int8"),
+        }
+    }
+}
+
 /// Why a batch could not be embedded.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -250,6 +276,7 @@ pub enum EmbedError {
 pub struct Embedder {
     spec: ModelSpec,
     weights_sha256: String,
+    precision: Precision,
     device: Device,
     model: Network,
 }
@@ -259,6 +286,87 @@ impl Embedder {
     /// fine-tuned ones of its architecture (any other digest), whose every tensor is checked
     /// against the architecture's shapes; the first that does not fit is named in the error.
     pub fn load(spec: &ModelSpec, weights: &Path, backend: Backend) -> Result<Self, WeightsError> {
+        Self::load_with(spec, weights, backend, Precision::F32)
+    }
+
+    /// [`load`](Self::load) in `precision`: int8 reads the calibration beside the weights
+    /// ([`Calibration::path_beside`]), which must have been made for these weights, and needs
+    /// a backend with verger's kernels.
+    pub fn load_with(
+        spec: &ModelSpec,
+        weights: &Path,
+        backend: Backend,
+        precision: Precision,
+    ) -> Result<Self, WeightsError> {
+        let (embedder, sha256) = Self::load_folded(spec, weights, backend)?;
+        let layers = embedder.model.pointwise_layers();
+        let packing = match precision {
+            Precision::F32 => None,
+            Precision::Int8 if !backend.fused() => {
+                return Err(WeightsError::Int8Backend {
+                    backend: format!("{backend:?}"),
+                })
+            }
+            Precision::Int8 => {
+                let path = Calibration::path_beside(weights);
+                Some(Calibration::read(&path, &spec.name, &sha256, layers)?.quants())
+            }
+        };
+        let model = match (backend.fused(), &packing) {
+            (false, _) => embedder.model,
+            (true, None) => embedder.model.with_kernels(),
+            (true, Some(quants)) => embedder
+                .model
+                .with_kernels_packed(&PointwisePacking::Int8(quants)),
+        };
+        Ok(Self {
+            model,
+            precision,
+            ..embedder
+        })
+    }
+
+    /// Measures the range of every 1x1 layer's inputs over `images` (RGB8 at the model's
+    /// input size), the network in float32 on Flex with verger's kernels: the calibration
+    /// `--precision int8` needs.
+    pub fn calibrate(
+        spec: &ModelSpec,
+        weights: &Path,
+        images: &[&[u8]],
+    ) -> Result<Calibration, WeightsError> {
+        let (embedder, sha256) = Self::load_folded(spec, weights, Backend::Flex)?;
+        let observers: Vec<Arc<RangeObserver>> = (0..embedder.model.pointwise_layers())
+            .map(|_| Arc::default())
+            .collect();
+        let observing = Self {
+            model: embedder
+                .model
+                .with_kernels_packed(&PointwisePacking::Observed(&observers)),
+            ..embedder
+        };
+        for batch in images.chunks(8) {
+            observing
+                .embed(batch)
+                .map_err(|e| WeightsError::Unreadable {
+                    path: weights.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(Calibration::from_observers(
+            &spec.name,
+            &sha256,
+            images.len(),
+            &observers,
+        )?)
+    }
+
+    /// The checkpoint loaded and folded on `backend`, not yet packed for the kernels, with its
+    /// digest.
+    fn load_folded(
+        spec: &ModelSpec,
+        weights: &Path,
+        backend: Backend,
+    ) -> Result<(Self, String), WeightsError> {
         let config = spec.network();
         if config.head_channels != FEATURE_DIM {
             return Err(WeightsError::FeatureWidth {
@@ -281,16 +389,24 @@ impl Embedder {
         }
         let device = backend.device();
         let model = import::load_checkpoint(config.init(&device), spec.architecture, weights)?;
-        let model = match backend.fused() {
-            true => model.with_kernels(),
-            false => model,
-        };
-        Ok(Self {
+        let embedder = Self {
             spec: spec.clone(),
-            weights_sha256,
+            weights_sha256: weights_sha256.clone(),
+            precision: Precision::F32,
             device,
             model,
-        })
+        };
+        Ok((embedder, weights_sha256))
+    }
+
+    /// The precision of the 1x1 layers.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The model name every row and the table record ([`Precision::model_name`]).
+    pub fn model_name(&self) -> String {
+        self.precision.model_name(&self.spec.name)
     }
 
     /// The model descriptor.

@@ -18,7 +18,9 @@
 //! function, and the tests hold both to PyTorch's features.
 
 use super::extension;
-use super::kernels::{self, DepthwiseWeights, Padding, Pointwise, StemWeights};
+use super::kernels::{
+    self, ActivationQuant, DepthwiseWeights, Padding, Pointwise, RangeObserver, StemWeights,
+};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -374,12 +376,19 @@ impl ConvNorm {
         (o, i, k)
     }
 
-    /// As a packed 1x1 convolution.
-    fn pointwise(&self) -> Pointwise {
+    /// As a packed 1x1 convolution, the `index`-th of the network's, in the precision
+    /// `packing` asks for.
+    fn pointwise(&self, packing: &PointwisePacking<'_>, index: usize) -> Pointwise {
         let (o, i, k) = self.dims();
         assert_eq!(k, 1, "a pointwise layer has a 1x1 kernel");
         let (w, b) = self.host_weights();
-        Pointwise::from_out_in(&w, &b, o, i)
+        match packing {
+            PointwisePacking::F32 => Pointwise::from_out_in(&w, &b, o, i),
+            PointwisePacking::Observed(observers) => {
+                Pointwise::from_out_in(&w, &b, o, i).observed(Arc::clone(&observers[index]))
+            }
+            PointwisePacking::Int8(quants) => Pointwise::int8(&w, &b, o, i, quants[index]),
+        }
     }
 }
 
@@ -418,14 +427,26 @@ impl InvertedResidual {
         }
     }
 
-    fn packed(&self) -> kernels::InvertedResidual {
+    /// The block's kernels; its 1x1 layers are the network's `index`-th (expansion, if any)
+    /// and next.
+    fn packed(
+        &self,
+        packing: &PointwisePacking<'_>,
+        index: &mut usize,
+    ) -> kernels::InvertedResidual {
         let (hidden, _, k) = self.depthwise.dims();
         let stride = self.depthwise.conv.stride[0];
         let (w, b) = self.depthwise.host_weights();
+        let mut next = || {
+            *index += 1;
+            *index - 1
+        };
+        let expand = self.expand.as_ref().map(|e| e.pointwise(packing, next()));
+        let project = self.project.pointwise(packing, next());
         kernels::InvertedResidual::new(
-            self.expand.as_ref().map(ConvNorm::pointwise),
+            expand,
             DepthwiseWeights::new(&w, &b, hidden, k, stride),
-            self.project.pointwise(),
+            project,
             self.residual,
             self.depthwise.padding(),
         )
@@ -463,6 +484,18 @@ pub struct Network {
     head_kernel: Option<Arc<Pointwise>>,
 }
 
+/// The precision of the network's 1x1 layers in the fused kernels, one entry per layer in
+/// [`Network::pointwise_layers`] order.
+#[derive(Clone, Copy, Debug)]
+pub enum PointwisePacking<'a> {
+    /// float32, as trained.
+    F32,
+    /// float32, each layer recording the range of its inputs (calibration).
+    Observed(&'a [Arc<RangeObserver>]),
+    /// int8 weights, inputs quantised to 7 bits as given.
+    Int8(&'a [ActivationQuant]),
+}
+
 /// Where one forward pass spends its time: one line of [`Network::layer_times`].
 #[derive(Clone, Debug)]
 pub struct LayerTime {
@@ -495,7 +528,30 @@ impl Network {
     /// Packs the folded layers for verger's fused kernels, once: the forward pass then runs
     /// them whenever its input is on a backend that has them ([`extension::supports`]). The
     /// module must be folded ([`fold_batch_norms`](Self::fold_batch_norms)).
-    pub fn with_kernels(mut self) -> Self {
+    pub fn with_kernels(self) -> Self {
+        self.with_kernels_packed(&PointwisePacking::F32)
+    }
+
+    /// The network's 1x1 layers (expansions and projections in block order, then the head):
+    /// the ones [`PointwisePacking`] quantises or observes, in that order.
+    pub fn pointwise_layers(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| 1 + usize::from(b.expand.is_some()))
+            .sum();
+        blocks + 1
+    }
+
+    /// [`with_kernels`](Self::with_kernels), the 1x1 layers packed as `packing` says (its
+    /// slices hold one entry per [`pointwise_layers`](Self::pointwise_layers)).
+    pub fn with_kernels_packed(mut self, packing: &PointwisePacking<'_>) -> Self {
+        let layers = self.pointwise_layers();
+        match packing {
+            PointwisePacking::F32 => {}
+            PointwisePacking::Observed(o) => assert_eq!(o.len(), layers, "one observer a layer"),
+            PointwisePacking::Int8(q) => assert_eq!(q.len(), layers, "one range a layer"),
+        }
         let (_, _, k) = self.stem.dims();
         let (w, b) = self.stem.host_weights();
         let stride = self.stem.conv.stride[0];
@@ -506,10 +562,11 @@ impl Network {
             stride,
             self.stem.padding(),
         )));
+        let mut index = 0;
         for block in &mut self.blocks {
-            block.kernel = Some(Arc::new(block.packed()));
+            block.kernel = Some(Arc::new(block.packed(packing, &mut index)));
         }
-        self.head_kernel = Some(Arc::new(self.head.pointwise()));
+        self.head_kernel = Some(Arc::new(self.head.pointwise(packing, index)));
         self
     }
 
@@ -772,7 +829,7 @@ mod tests {
             .collect();
         let x = Tensor::<4>::from_data(TensorData::new(values, [2, 24, 11, 13]), &device);
         let plain = block.forward(x.clone()).into_data();
-        block.kernel = Some(Arc::new(block.packed()));
+        block.kernel = Some(Arc::new(block.packed(&PointwisePacking::F32, &mut 0)));
         assert_close(block.forward(x).into_data(), plain);
     }
 }

@@ -6,16 +6,19 @@
 //! - [`depthwise`]: depthwise convolutions, bias and ReLU6 fused.
 //! - [`stem`]: the 3-channel stem convolution.
 //! - [`inverted_residual`]: a whole block fused band by band over the three.
+//! - [`int8`]: 1x1 convolutions on int8 weights and 7-bit activations (`--precision int8`).
 //! - [`geometry`]: padding and output sizes ([`Padding::Same`] is TensorFlow's, asymmetric on
 //!   stride 2).
 //!
 //! Each kernel is written once over [`simd::Simd`] vectors and run through [`dispatch`], the one
-//! place that picks the instruction set (AVX-512, AVX2+FMA, SSE2; plain floats elsewhere) at
-//! run time: one binary runs on any x86-64 and uses AVX-512 where the CPU has it. Everything
-//! runs on the calling thread: parallelism comes from timely workers, one per core.
+//! place that picks the instruction set (AVX-512 with or without VNNI, AVX2+FMA, SSE2; plain
+//! floats elsewhere) at run time: one binary runs on any x86-64 and uses AVX-512 where the CPU
+//! has it. Everything runs on the calling thread: parallelism comes from timely workers, one
+//! per core.
 
 pub mod depthwise;
 pub mod geometry;
+pub mod int8;
 pub mod inverted_residual;
 pub mod pointwise;
 mod simd;
@@ -23,6 +26,7 @@ pub mod stem;
 
 pub use depthwise::{depthwise_relu6, DepthwiseWeights};
 pub use geometry::{same_padding, ConvShape, Padding};
+pub use int8::{ActivationQuant, Int8Pointwise, RangeObserver};
 pub use inverted_residual::{kernel_times, BandScratch, InvertedResidual};
 pub use pointwise::{sum_rows, Activation, Pointwise};
 pub use stem::{stem_relu6, StemWeights, STEM_BLOCK};
@@ -31,11 +35,14 @@ pub use stem::{stem_relu6, StemWeights, STEM_BLOCK};
 use simd::Scalar;
 use simd::Simd;
 #[cfg(target_arch = "x86_64")]
-use simd::{Avx2, Avx512, Sse};
+use simd::{Avx2, Avx512, Avx512Vnni, Sse};
 
 /// Instruction sets the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
+    /// AVX-512F, BW and VNNI (with AVX2 and FMA): 16 lanes, `vpdpbusd` for int8.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
     /// AVX-512F (with AVX2 and FMA): 16 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -53,7 +60,63 @@ fn isa() -> Isa {
     if let Some(forced) = testing::FORCED_ISA.with(std::cell::Cell::get) {
         return forced;
     }
-    detected_isa()
+    chosen_isa()
+}
+
+/// The instruction set the kernels use in this process: the best of this CPU, or a lesser one
+/// named by `VERGER_ISA` (`avx512-vnni`, `avx512`, `avx2`, `baseline`), to measure one CPU's
+/// fallbacks; a name this CPU cannot run, or does not know, is ignored with a warning.
+fn chosen_isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detected_isa();
+        let Ok(name) = std::env::var("VERGER_ISA") else {
+            return best;
+        };
+        let runnable = runnable_isas(best);
+        let named = runnable.iter().copied().find(|isa| isa_name(*isa) == name);
+        match named {
+            Some(isa) => isa,
+            None => {
+                tracing::warn!(
+                    asked = %name,
+                    using = isa_name(best),
+                    "VERGER_ISA names no instruction set this CPU runs: using its best"
+                );
+                best
+            }
+        }
+    })
+}
+
+/// The `VERGER_ISA` name of an instruction set.
+fn isa_name(isa: Isa) -> &'static str {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => "avx512-vnni",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2",
+        Isa::Baseline => "baseline",
+    }
+}
+
+/// `best` and every instruction set below it, best first: what this CPU can run.
+fn runnable_isas(best: Isa) -> Vec<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    let all = match best {
+        Isa::Avx512Vnni => vec![Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::Baseline],
+        Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Baseline],
+        Isa::Avx2 => vec![Isa::Avx2, Isa::Baseline],
+        Isa::Baseline => vec![Isa::Baseline],
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let all = {
+        let _ = best;
+        vec![Isa::Baseline]
+    };
+    all
 }
 
 /// The best instruction set of this CPU, detected once.
@@ -62,6 +125,14 @@ fn detected_isa() -> Isa {
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx512Vnni;
+            }
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
@@ -95,6 +166,11 @@ pub(crate) trait Kernel {
 pub(crate) fn dispatch<K: Kernel>(kernel: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+        fn avx512_vnni<K: Kernel>(kernel: K) -> K::Output {
+            // SAFETY: compiled for AVX-512F, BW and VNNI, called once `isa()` reported them.
+            unsafe { kernel.run::<Avx512Vnni>() }
+        }
         #[target_feature(enable = "avx512f,avx2,fma")]
         fn avx512<K: Kernel>(kernel: K) -> K::Output {
             // SAFETY: this function is compiled for AVX-512F and only called once `isa()`
@@ -107,6 +183,8 @@ pub(crate) fn dispatch<K: Kernel>(kernel: K) -> K::Output {
             unsafe { kernel.run::<Avx2>() }
         }
         match isa() {
+            // SAFETY: `isa()` detected AVX-512F, BW, VNNI, AVX2 and FMA on this CPU.
+            Isa::Avx512Vnni => unsafe { avx512_vnni(kernel) },
             // SAFETY: `isa()` detected AVX-512F, AVX2 and FMA on this CPU.
             Isa::Avx512 => unsafe { avx512(kernel) },
             // SAFETY: `isa()` detected AVX2 and FMA on this CPU.
@@ -161,14 +239,7 @@ pub(crate) mod testing {
     /// `f`'s result on each instruction set this CPU can run (the best and every fallback),
     /// weights packed and kernels run as if it were the only one.
     pub(crate) fn on_every_isa<T>(mut f: impl FnMut() -> T) -> Vec<(Isa, T)> {
-        #[cfg(target_arch = "x86_64")]
-        let all = match detected_isa() {
-            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Baseline],
-            Isa::Avx2 => vec![Isa::Avx2, Isa::Baseline],
-            Isa::Baseline => vec![Isa::Baseline],
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let all = vec![Isa::Baseline];
+        let all = super::runnable_isas(detected_isa());
         // Under Miri only the baseline path runs: Miri does not emulate AVX.
         #[cfg(miri)]
         let all = vec![Isa::Baseline];

@@ -2,8 +2,10 @@
 //! weights packed once at load, in register blocks of 6 pixels x 2 vectors that start from the
 //! bias (and residual) and apply the activation before their single store.
 
+use super::int8::{ActivationQuant, Int8Pointwise, RangeObserver};
 use super::simd::Simd;
 use super::{dispatch, vector_lanes, Kernel};
+use std::sync::Arc;
 
 /// What a 1x1 convolution applies to its accumulators before storing them: in registers, so
 /// the activation costs no pass over the output.
@@ -19,6 +21,10 @@ pub enum Activation {
 /// panels as wide as two vector registers of this CPU (32 floats with AVX-512), each panel
 /// `[c_in][panel]` contiguous and the last one zero-padded, so the inner loop reads the weights
 /// with unit stride and a call packs nothing.
+///
+/// The same layer can instead run on int8 weights ([`Pointwise::int8`]), or record the range of
+/// its inputs while it runs in f32 ([`Pointwise::observed`], for calibration): the blocks and
+/// the head hold a `Pointwise` whatever the precision.
 #[derive(Clone, Debug)]
 pub struct Pointwise {
     data: Vec<f32>,
@@ -26,6 +32,10 @@ pub struct Pointwise {
     c_in: usize,
     c_out: usize,
     panel: usize,
+    /// The int8 layer that runs instead of the float one, when quantised.
+    int8: Option<Box<Int8Pointwise>>,
+    /// Where the range of the inputs is recorded, when calibrating.
+    observer: Option<Arc<RangeObserver>>,
 }
 
 impl Pointwise {
@@ -50,7 +60,41 @@ impl Pointwise {
             c_in,
             c_out,
             panel,
+            int8: None,
+            observer: None,
         }
+    }
+
+    /// The layer on int8 weights (see [`Int8Pointwise`]), its inputs quantised by `input`.
+    pub fn int8(
+        weights: &[f32],
+        bias: &[f32],
+        c_out: usize,
+        c_in: usize,
+        input: ActivationQuant,
+    ) -> Self {
+        Self {
+            data: Vec::new(),
+            bias: Vec::new(),
+            c_in,
+            c_out,
+            panel: 0,
+            int8: Some(Box::new(Int8Pointwise::from_out_in(
+                weights, bias, c_out, c_in, input,
+            ))),
+            observer: None,
+        }
+    }
+
+    /// This layer, recording the range of every input it is applied to into `observer`.
+    pub fn observed(mut self, observer: Arc<RangeObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// How the inputs are quantised, when the layer runs on int8.
+    pub fn input_quant(&self) -> Option<ActivationQuant> {
+        self.int8.as_ref().map(|q| q.input_quant())
     }
 
     /// Input channels.
@@ -78,6 +122,12 @@ impl Pointwise {
     ) {
         let (k, n) = (self.c_in, self.c_out);
         assert!(input.len() >= pixels * k, "pointwise input too short");
+        if let Some(observer) = &self.observer {
+            observer.record(&input[..pixels * k]);
+        }
+        if let Some(int8) = &self.int8 {
+            return int8.apply(input, pixels, residual, act, out);
+        }
         assert!(out.len() >= pixels * n, "pointwise output too short");
         if let Some(r) = residual {
             assert!(r.len() >= pixels * n, "pointwise residual too short");
