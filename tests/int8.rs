@@ -8,7 +8,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use verger::embed::calibration::{Calibration, CalibrationError};
 use verger::embed::{Backend, Embedder, ModelSpec, Precision, WeightsError};
-use verger::evaluate::nearest_centroid_accuracy;
 
 /// The published Lite0 weights copied into `dir`, so that the calibration written beside them
 /// stays this test's.
@@ -146,14 +145,7 @@ fn int8_run_keeps_the_sample_separable_and_its_output_to_itself() {
                 .arg(out),
         );
         let table = read_output(out);
-        let rows = table.rows;
-        let train: Vec<_> = rows
-            .iter()
-            .filter(|r| r.key.starts_with("Training/"))
-            .collect();
-        let test: Vec<_> = rows.iter().filter(|r| r.key.starts_with("Test/")).collect();
-        let (accuracy, scored) = nearest_centroid_accuracy(&train, &test);
-        assert_eq!(scored, test.len());
+        let (accuracy, _) = sample_nearest_centroid(&table.rows);
         (accuracy, table.identity.unwrap().model)
     };
     let (out_int8, out_f32) = (dir.path().join("int8"), dir.path().join("f32"));

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::*;
-use verger::evaluate::nearest_centroid_accuracy;
 
 const SAMPLE_IMAGES: usize = 2_624;
 
@@ -46,14 +45,7 @@ fn sample_gives_one_row_per_image_with_its_folder_as_label() {
 #[test]
 fn sample_classes_are_separable_by_nearest_centroid() {
     let (_, out) = sample_output();
-    let rows = read_output(out).rows;
-    let train: Vec<_> = rows
-        .iter()
-        .filter(|r| r.key.starts_with("Training/"))
-        .collect();
-    let test: Vec<_> = rows.iter().filter(|r| r.key.starts_with("Test/")).collect();
-    let (accuracy, scored) = nearest_centroid_accuracy(&train, &test);
-    assert_eq!(scored, test.len());
+    let (accuracy, scored) = sample_nearest_centroid(&read_output(out).rows);
     assert!(scored > 600);
     assert!(accuracy >= 0.98, "accuracy {accuracy}");
 }

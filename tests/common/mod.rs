@@ -121,6 +121,19 @@ pub fn shared_embedder() -> &'static Embedder {
     EMBEDDER.get_or_init(embedder)
 }
 
+/// Nearest-centroid accuracy of the sample's `Test/` rows against the centroids of its
+/// `Training/` rows, after asserting that every Test row was scored; with the Test rows' count.
+pub fn sample_nearest_centroid(rows: &[verger::record::Embedded]) -> (f64, usize) {
+    let train: Vec<_> = rows
+        .iter()
+        .filter(|r| r.key.starts_with("Training/"))
+        .collect();
+    let test: Vec<_> = rows.iter().filter(|r| r.key.starts_with("Test/")).collect();
+    let (accuracy, scored) = verger::evaluate::nearest_centroid_accuracy(&train, &test);
+    assert_eq!(scored, test.len(), "every Test row scored");
+    (accuracy, scored)
+}
+
 /// A run configuration for tests: `workers` threads, `epoch_keys` keys per epoch.
 pub fn config(input: &Path, output: &Path, workers: usize, epoch_keys: usize) -> RunConfig {
     let mut config = RunConfig::new(input.to_str().unwrap(), output.to_str().unwrap());

@@ -11,7 +11,7 @@
 //! (AVX-512 VNNI's `vpdpbusd` has no intermediate step at all) the i32 sums, and so the rows,
 //! are identical bit for bit whichever CPU embedded them.
 
-use super::pointwise::Activation;
+use super::pointwise::{blocks_of, load_part, sweep, Activation, Panel, RowBlocks};
 use super::simd::{quantize_lane, Simd};
 use super::{dispatch, vector_lanes, Kernel};
 use std::cell::RefCell;
@@ -282,10 +282,6 @@ impl Kernel for Quantize<'_> {
     }
 }
 
-/// Pixels per register block for the rows left over after the instruction set's own blocks
-/// ([`Simd::INT8_ROWS`]).
-const ROWS: usize = 6;
-
 /// Row chunks are a multiple of this, the largest block.
 const ROWS_MAX: usize = 24;
 
@@ -308,102 +304,56 @@ struct Int8Call<'a> {
     out: &'a mut [f32],
 }
 
-/// Rows `first..first + rows` of column panel `j`, whose first `width` columns exist.
-#[derive(Clone, Copy)]
-struct Panel {
-    first: usize,
-    rows: usize,
-    j: usize,
-    width: usize,
-}
-
 impl Kernel for Int8Call<'_> {
     type Output = ();
 
     #[inline(always)]
     unsafe fn run<V: Simd>(self) {
-        let io = &self.io;
-        let (k4, n, panel) = (io.w.k4, io.w.c_out, io.w.panel);
-        debug_assert!(panel == 2 * V::LANES);
-        let chunk = (CHUNK_BYTES / k4.max(1)).max(ROWS_MAX) / ROWS_MAX * ROWS_MAX;
-        let mut first = 0;
-        while first < io.pixels {
-            let rows = chunk.min(io.pixels - first);
-            for j in 0..n.div_ceil(panel) {
-                let at = Panel {
-                    first,
-                    rows,
-                    j,
-                    width: panel.min(n - j * panel),
-                };
-                // SAFETY: the rows exist in levels, residual and out and panel j in the
-                // packed weights (lengths checked by `apply`); `V` is usable (`dispatch`).
-                unsafe {
-                    if at.width > V::LANES {
-                        int8_panel::<V, 2>(io, at, self.out)
-                    } else {
-                        int8_panel::<V, 1>(io, at, self.out)
-                    }
-                }
-            }
-            first += rows;
-        }
+        debug_assert!(self.io.w.panel == 2 * V::LANES);
+        // SAFETY: the operands' lengths were checked by `apply`; `V` is usable (`dispatch`).
+        unsafe { sweep::<V, _>(&self.io, self.out) }
     }
 }
 
-/// One panel over its rows: blocks of [`Simd::INT8_ROWS`] rows (twice as many when one
-/// register wide), then blocks of at most 6 for the rows left.
-///
-/// # Safety
-/// As [`int8_block`], for every row of `at`.
-#[inline(always)]
-unsafe fn int8_panel<V: Simd, const NV: usize>(io: &Int8Io<'_>, at: Panel, out: &mut [f32]) {
-    // SAFETY: `int8_rows` and the blocks below stay within `at`'s rows (caller).
-    let mut r = unsafe {
-        match (NV, V::INT8_ROWS) {
-            (1, 12) => int8_rows::<V, 24, NV>(io, at, out),
-            (1, 4) => int8_rows::<V, 8, NV>(io, at, out),
-            (1, _) => int8_rows::<V, 12, NV>(io, at, out),
-            (_, 12) => int8_rows::<V, 12, NV>(io, at, out),
-            (_, 4) => int8_rows::<V, 4, NV>(io, at, out),
-            _ => 0,
-        }
-    };
-    while r < at.rows {
-        let row = at.first + r;
-        // SAFETY: the block's `min(rows - r, 6)` rows lie within `at`'s rows.
+impl RowBlocks for Int8Io<'_> {
+    fn pixels(&self) -> usize {
+        self.pixels
+    }
+
+    fn c_out(&self) -> usize {
+        self.w.c_out
+    }
+
+    fn chunk_rows(&self) -> usize {
+        (CHUNK_BYTES / self.w.k4.max(1)).max(ROWS_MAX) / ROWS_MAX * ROWS_MAX
+    }
+
+    #[inline(always)]
+    unsafe fn block<V: Simd, const M: usize, const NV: usize>(
+        &self,
+        at: Panel,
+        row: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { int8_block::<V, M, NV>(self, at, row, out) }
+    }
+
+    /// Blocks of [`Simd::INT8_ROWS`] rows, twice as many when one register wide.
+    #[inline(always)]
+    unsafe fn wide_blocks<V: Simd, const NV: usize>(&self, at: Panel, out: &mut [f32]) -> usize {
+        // SAFETY: as the caller guarantees.
         unsafe {
-            match (at.rows - r).min(ROWS) {
-                6 => int8_block::<V, 6, NV>(io, at, row, out),
-                5 => int8_block::<V, 5, NV>(io, at, row, out),
-                4 => int8_block::<V, 4, NV>(io, at, row, out),
-                3 => int8_block::<V, 3, NV>(io, at, row, out),
-                2 => int8_block::<V, 2, NV>(io, at, row, out),
-                _ => int8_block::<V, 1, NV>(io, at, row, out),
+            match (NV, V::INT8_ROWS) {
+                (1, 12) => blocks_of::<V, Self, 24, NV>(self, at, out),
+                (1, 4) => blocks_of::<V, Self, 8, NV>(self, at, out),
+                (1, _) => blocks_of::<V, Self, 12, NV>(self, at, out),
+                (_, 12) => blocks_of::<V, Self, 12, NV>(self, at, out),
+                (_, 4) => blocks_of::<V, Self, 4, NV>(self, at, out),
+                _ => 0,
             }
         }
-        r += ROWS;
     }
-}
-
-/// Blocks of `M` rows from `at`'s first row while `M` rows are left; returns how many rows
-/// they covered.
-///
-/// # Safety
-/// As [`int8_block`], for every row of `at`.
-#[inline(always)]
-unsafe fn int8_rows<V: Simd, const M: usize, const NV: usize>(
-    io: &Int8Io<'_>,
-    at: Panel,
-    out: &mut [f32],
-) -> usize {
-    let mut r = 0;
-    while at.rows - r >= M {
-        // SAFETY: rows `r..r + M` lie within `at`'s rows (the loop's condition).
-        unsafe { int8_block::<V, M, NV>(io, at, at.first + r, out) };
-        r += M;
-    }
-    r
 }
 
 /// Output rows `row..row + M`, the columns of panel `at.j`: i32 sums over every group of four
@@ -457,11 +407,7 @@ unsafe fn int8_block<V: Simd, const M: usize, const NV: usize>(
                 let mut y = V::madd(V::ifloat(a), scale[v], offset[v]);
                 if let Some(res) = io.residual {
                     let p = res.as_ptr().add((row + r) * n + c);
-                    let res = match lanes(v) {
-                        x if x == l => V::load(p),
-                        x => V::load_first(p, x),
-                    };
-                    y = V::add(y, res);
+                    y = V::add(y, load_part::<V>(p, lanes(v)));
                 }
                 if io.relu6 {
                     y = V::relu6(y);

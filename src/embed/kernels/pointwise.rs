@@ -194,82 +194,162 @@ impl Kernel for PointwiseCall<'_> {
 
     #[inline(always)]
     unsafe fn run<V: Simd>(self) {
-        let io = &self.io;
-        let (k, n, panel) = (io.w.c_in, io.w.c_out, io.w.panel);
-        debug_assert!(panel == 2 * V::LANES && panel <= 64);
-        let chunk =
-            (PW_CHUNK_FLOATS / k.max(1)).max(PW_ROWS_NARROW) / PW_ROWS_NARROW * PW_ROWS_NARROW;
-        let mut first = 0;
-        while first < io.pixels {
-            let rows = chunk.min(io.pixels - first);
-            for j in 0..n.div_ceil(panel) {
-                let width = panel.min(n - j * panel);
-                let at = Panel {
-                    first,
-                    rows,
-                    j,
-                    width,
-                };
-                // SAFETY: rows `first..first + rows` exist in input, residual and out and
-                // panel j in the packed weights (lengths checked by `apply`); `V` is usable
-                // on this CPU (`dispatch`).
-                unsafe {
-                    if width > V::LANES {
-                        pointwise_panel::<V, 2>(io, at, self.out)
-                    } else {
-                        pointwise_panel::<V, 1>(io, at, self.out)
-                    }
-                }
-            }
-            first += rows;
-        }
+        debug_assert!(self.io.w.panel == 2 * V::LANES && self.io.w.panel <= 64);
+        // SAFETY: the operands' lengths were checked by `apply`; `V` is usable (`dispatch`).
+        unsafe { sweep::<V, _>(&self.io, self.out) }
     }
 }
 
 /// Rows `first..first + rows` of column panel `j`, whose first `width` columns exist.
 #[derive(Clone, Copy)]
-struct Panel {
-    first: usize,
-    rows: usize,
-    j: usize,
-    width: usize,
+pub(super) struct Panel {
+    pub(super) first: usize,
+    pub(super) rows: usize,
+    pub(super) j: usize,
+    pub(super) width: usize,
 }
 
-/// One panel over its rows, in register blocks of `PW_ROWS` rows x `NV` registers (12 rows
-/// when `NV` is 1).
+/// A 1x1 product computed in register blocks (float or int8): what [`sweep`] runs over every
+/// chunk of rows and every column panel.
+pub(super) trait RowBlocks {
+    /// Rows of the product.
+    fn pixels(&self) -> usize;
+    /// Output columns.
+    fn c_out(&self) -> usize;
+    /// Rows taken at a time, so that they stay in L2 while every panel passes over them.
+    fn chunk_rows(&self) -> usize;
+    /// Output rows `row..row + M` of panel `at`, `NV` registers wide.
+    ///
+    /// # Safety
+    /// The rows exist in the operands and `out`, the panel in the weights; `V` is usable.
+    unsafe fn block<V: Simd, const M: usize, const NV: usize>(
+        &self,
+        at: Panel,
+        row: usize,
+        out: &mut [f32],
+    );
+    /// The largest blocks this product uses at `NV` registers wide, from `at`'s first row
+    /// (see [`blocks_of`]); returns the rows they covered (0: none but the blocks of at most
+    /// 6 rows that [`sweep`] runs for the rest).
+    ///
+    /// # Safety
+    /// As [`block`](Self::block), for every row of `at`.
+    unsafe fn wide_blocks<V: Simd, const NV: usize>(&self, at: Panel, out: &mut [f32]) -> usize;
+}
+
+/// Runs `product` over its rows in chunks and, in each chunk, over every column panel (two
+/// registers wide; the last one maybe one): its widest blocks first, then blocks of at most
+/// `PW_ROWS` rows for the rows left.
 ///
 /// # Safety
-/// As [`pointwise_block`], for every row of `at`.
+/// `out` and the product's operands hold every row and column; `V` is usable on this CPU.
 #[inline(always)]
-unsafe fn pointwise_panel<V: Simd, const NV: usize>(
-    io: &PointwiseIo<'_>,
+pub(super) unsafe fn sweep<V: Simd, B: RowBlocks>(product: &B, out: &mut [f32]) {
+    let (n, panel) = (product.c_out(), 2 * V::LANES);
+    let (pixels, chunk) = (product.pixels(), product.chunk_rows());
+    let mut first = 0;
+    while first < pixels {
+        let rows = chunk.min(pixels - first);
+        for j in 0..n.div_ceil(panel) {
+            let at = Panel {
+                first,
+                rows,
+                j,
+                width: panel.min(n - j * panel),
+            };
+            // SAFETY: the chunk's rows and panel j exist (caller); `V` is usable (caller).
+            unsafe {
+                if at.width > V::LANES {
+                    panel_rows::<V, B, 2>(product, at, out)
+                } else {
+                    panel_rows::<V, B, 1>(product, at, out)
+                }
+            }
+        }
+        first += rows;
+    }
+}
+
+/// One panel over its rows: the product's widest blocks, then blocks of at most `PW_ROWS`.
+///
+/// # Safety
+/// As [`RowBlocks::block`], for every row of `at`.
+#[inline(always)]
+unsafe fn panel_rows<V: Simd, B: RowBlocks, const NV: usize>(
+    product: &B,
     at: Panel,
     out: &mut [f32],
 ) {
-    let mut r = 0;
-    if NV == 1 {
-        while at.rows - r >= PW_ROWS_NARROW {
-            // SAFETY: rows `r..r + 12` lie within `at`'s rows (the loop's condition), which
-            // exist (caller), and `V` is usable (caller).
-            unsafe { pointwise_block::<V, PW_ROWS_NARROW, NV>(io, at, at.first + r, out) };
-            r += PW_ROWS_NARROW;
-        }
-    }
+    // SAFETY: the blocks stay within `at`'s rows, which exist (caller); `V` is usable.
+    let mut r = unsafe { product.wide_blocks::<V, NV>(at, out) };
     while r < at.rows {
         let row = at.first + r;
         // SAFETY: the block's `min(rows - r, 6)` rows lie within `at`'s rows, which exist
         // (caller), and `V` is usable (caller).
         unsafe {
             match (at.rows - r).min(PW_ROWS) {
-                6 => pointwise_block::<V, 6, NV>(io, at, row, out),
-                5 => pointwise_block::<V, 5, NV>(io, at, row, out),
-                4 => pointwise_block::<V, 4, NV>(io, at, row, out),
-                3 => pointwise_block::<V, 3, NV>(io, at, row, out),
-                2 => pointwise_block::<V, 2, NV>(io, at, row, out),
-                _ => pointwise_block::<V, 1, NV>(io, at, row, out),
+                6 => product.block::<V, 6, NV>(at, row, out),
+                5 => product.block::<V, 5, NV>(at, row, out),
+                4 => product.block::<V, 4, NV>(at, row, out),
+                3 => product.block::<V, 3, NV>(at, row, out),
+                2 => product.block::<V, 2, NV>(at, row, out),
+                _ => product.block::<V, 1, NV>(at, row, out),
             }
         }
         r += PW_ROWS;
+    }
+}
+
+/// Blocks of `M` rows from `at`'s first row while `M` rows are left; returns the rows covered.
+///
+/// # Safety
+/// As [`RowBlocks::block`], for every row of `at`.
+#[inline(always)]
+pub(super) unsafe fn blocks_of<V: Simd, B: RowBlocks, const M: usize, const NV: usize>(
+    product: &B,
+    at: Panel,
+    out: &mut [f32],
+) -> usize {
+    let mut r = 0;
+    while at.rows - r >= M {
+        // SAFETY: rows `r..r + M` lie within `at`'s rows (the loop's condition).
+        unsafe { product.block::<V, M, NV>(at, at.first + r, out) };
+        r += M;
+    }
+    r
+}
+
+impl RowBlocks for PointwiseIo<'_> {
+    fn pixels(&self) -> usize {
+        self.pixels
+    }
+
+    fn c_out(&self) -> usize {
+        self.w.c_out
+    }
+
+    fn chunk_rows(&self) -> usize {
+        (PW_CHUNK_FLOATS / self.w.c_in.max(1)).max(PW_ROWS_NARROW) / PW_ROWS_NARROW * PW_ROWS_NARROW
+    }
+
+    #[inline(always)]
+    unsafe fn block<V: Simd, const M: usize, const NV: usize>(
+        &self,
+        at: Panel,
+        row: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe { pointwise_block::<V, M, NV>(self, at, row, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn wide_blocks<V: Simd, const NV: usize>(&self, at: Panel, out: &mut [f32]) -> usize {
+        match NV {
+            // SAFETY: as the caller guarantees.
+            1 => unsafe { blocks_of::<V, Self, PW_ROWS_NARROW, NV>(self, at, out) },
+            _ => 0,
+        }
     }
 }
 
@@ -279,7 +359,7 @@ unsafe fn pointwise_panel<V: Simd, const NV: usize>(
 /// # Safety
 /// `V` is usable; `p..p + n` is readable (all `LANES` floats when `n == LANES`).
 #[inline(always)]
-unsafe fn load_part<V: Simd>(p: *const f32, n: usize) -> V::V {
+pub(super) unsafe fn load_part<V: Simd>(p: *const f32, n: usize) -> V::V {
     // SAFETY: as the caller guarantees.
     unsafe {
         if n == V::LANES {
