@@ -83,10 +83,13 @@ fn int8_features_match_pytorch_and_need_a_calibration_of_their_own_weights() {
     let q = int8.embed(&[&pixels[0]]).unwrap();
     assert!(max_abs_diff(&f[0], &q[0]) > 1e-4, "int8 gave the float row");
 
-    let plain = Embedder::load_with(&spec, &path, Backend::FlexPlain, Precision::Int8);
+    let plain = Embedder::load_with(&spec, &path, Backend::FlexPlain, Precision::Int8).unwrap_err();
     assert!(
-        matches!(plain, Err(WeightsError::Int8Backend { .. })),
-        "{plain:?}"
+        matches!(plain, WeightsError::Int8Backend { .. })
+            && plain
+                .to_string()
+                .contains("--backend flex (or ndarray), not flex-plain"),
+        "{plain}"
     );
 
     // The same calibration beside other weights (the published ones with one stored value

@@ -303,9 +303,13 @@ impl Embedder {
         let packing = match precision {
             Precision::F32 => None,
             Precision::Int8 if !backend.fused() => {
+                use clap::ValueEnum;
+                let name = backend
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string());
                 return Err(WeightsError::Int8Backend {
-                    backend: format!("{backend:?}"),
-                })
+                    backend: name.unwrap_or_else(|| format!("{backend:?}")),
+                });
             }
             Precision::Int8 => {
                 let path = Calibration::path_beside(weights);
