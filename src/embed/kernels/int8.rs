@@ -176,21 +176,6 @@ impl Int8Pointwise {
         }
     }
 
-    /// Input channels.
-    pub fn c_in(&self) -> usize {
-        self.c_in
-    }
-
-    /// Output channels.
-    pub fn c_out(&self) -> usize {
-        self.c_out
-    }
-
-    /// How the inputs are quantised.
-    pub fn input_quant(&self) -> ActivationQuant {
-        self.input
-    }
-
     /// `out[p][o] = act(scale[o] * sum_i level(input[p][i]) * w[i][o] + offset[o]
     /// (+ residual[p][o]))` for `pixels` rows of `c_in` floats: the rows are quantised into a
     /// buffer of this thread, then multiplied in register blocks of pixels x 2 vectors, as many

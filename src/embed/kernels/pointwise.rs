@@ -92,11 +92,6 @@ impl Pointwise {
         self
     }
 
-    /// How the inputs are quantised, when the layer runs on int8.
-    pub fn input_quant(&self) -> Option<ActivationQuant> {
-        self.int8.as_ref().map(|q| q.input_quant())
-    }
-
     /// Input channels.
     pub fn c_in(&self) -> usize {
         self.c_in
