@@ -6,7 +6,9 @@
 //!   this must stay flat as epochs grow: it reads the last checkpoint and at most 99 versions;
 //! - `state/<epochs>`: the whole of what a run loads before it lists (`Committed::load`:
 //!   the log, then the key index of every file of the snapshot) for the same 2,000 rows in
-//!   10 or 1,000 epochs: this reads one file per epoch, so it grows with the files, not the log.
+//!   10 or 1,000 epochs, committed as a run commits them (`commit_epoch`, small files merged
+//!   by the default compaction policy); `state/1000-no-compaction` keeps one file per
+//!   epoch (`--compact-files 0`), so it reads 1,000 files.
 //!
 //! Run: `cargo bench --bench startup`.
 
@@ -14,7 +16,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use verger::commit::{Committed, DeltaOutput, EpochCommit, Identity};
+use verger::commit::{
+    commit_epoch, Committed, CommittedEpoch, CompactionPolicy, DeltaOutput, EpochCommit,
+    EpochTarget, Identity, SnapshotIndex,
+};
 use verger::record::{Embedded, FileKind, WrittenFile, FEATURE_DIM};
 use verger::storage::local::LocalStore;
 use verger::storage::ObjectStore;
@@ -24,11 +29,12 @@ use verger::table::{embeddings_batch, parquet_bytes, FileStats};
 const ROWS: usize = 2_000;
 
 /// A local table of `epochs` committed epochs holding `ROWS` rows, checkpointed every
-/// `interval` versions.
+/// `interval` versions, its small files merged as `compaction` says.
 fn table(
     runtime: &tokio::runtime::Runtime,
     epochs: usize,
     interval: u64,
+    compaction: CompactionPolicy,
 ) -> (tempfile::TempDir, LocalStore, DeltaOutput) {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let store = LocalStore::open(dir.path(), true).expect("opens");
@@ -42,6 +48,7 @@ fn table(
     runtime.block_on(async {
         delta.create(&identity, interval).await.expect("created");
         let mut open = None;
+        let index = std::sync::Mutex::new(SnapshotIndex::default());
         let per_epoch = ROWS / epochs;
         for epoch in 0..epochs as u64 {
             let rows: Vec<Embedded> = (0..per_epoch)
@@ -58,13 +65,14 @@ fn table(
                 .collect();
             let mut stats = FileStats::default();
             for r in &rows {
-                stats.observe(&r.key, r.label.as_deref(), None);
+                stats.observe(epoch, &r.key, r.label.as_deref(), None);
             }
             let key = verger::commit::delta::file_key(FileKind::Data, epoch, 0, "bench");
             let batch = embeddings_batch(&rows, "bench", epoch, &[]);
             let bytes = parquet_bytes(&[batch], &key).expect("encoded");
             let size = bytes.len() as u64;
             store.put(&key, Bytes::from(bytes)).await.expect("written");
+            let file_keys = vec![(key.clone(), rows.iter().map(|r| r.key.clone()).collect())];
             let commit = EpochCommit {
                 epoch,
                 run: "bench".into(),
@@ -76,11 +84,27 @@ fn table(
                     kind: FileKind::Data,
                     rows: rows.len() as u64,
                     bytes: size,
-                    stats: stats.to_json(epoch),
+                    stats: stats.to_json(),
                 }],
                 ..EpochCommit::default()
             };
-            delta.commit(&mut open, &commit).await.expect("committed");
+            let mut epoch = CommittedEpoch {
+                commit,
+                rows: Vec::new(),
+                failed_reads: Vec::new(),
+                file_keys,
+                deleted: Vec::new(),
+                deleted_rows: Vec::new(),
+            };
+            let target = EpochTarget {
+                output: &delta,
+                store: &store,
+                index: &index,
+                compaction,
+            };
+            commit_epoch(target, &mut open, &mut epoch)
+                .await
+                .expect("committed");
         }
     });
     (dir, store, delta)
@@ -94,12 +118,22 @@ fn startup(c: &mut Criterion) {
         .expect("a runtime");
     let mut group = c.benchmark_group("startup");
     group.sample_size(10);
-    for (epochs, interval, name) in [
-        (10, 100, "10"),
-        (1_000, 100, "1000"),
-        (1_000, u64::from(u32::MAX), "1000-no-checkpoint"),
+    let (merging, never) = (CompactionPolicy::default(), CompactionPolicy::never());
+    for (epochs, interval, compaction, name) in [
+        (10, 100, merging, "10"),
+        (1_000, 100, merging, "1000"),
+        (1_000, 100, never, "1000-no-compaction"),
+        (1_000, u64::from(u32::MAX), never, "1000-no-checkpoint"),
     ] {
-        let (_dir, store, delta) = table(&runtime, epochs, interval);
+        let (_dir, store, delta) = table(&runtime, epochs, interval, compaction);
+        if compaction == merging {
+            let files = runtime
+                .block_on(Committed::load(&delta, &store, &|_| true))
+                .expect("loads")
+                .files
+                .len();
+            println!("startup/{name}: {files} files in the snapshot");
+        }
         group.bench_function(BenchmarkId::new("log", name), |b| {
             b.iter(|| {
                 runtime.block_on(async {

@@ -231,6 +231,7 @@ pub fn errors_batch(
 #[derive(Debug, Default)]
 pub struct FileStats {
     records: u64,
+    epoch: Option<(Epoch, Epoch)>,
     key: Option<(String, String)>,
     label: Option<(String, String)>,
     stage: Option<(String, String)>,
@@ -254,9 +255,13 @@ fn widen(bounds: &mut Option<(String, String)>, value: &str) {
 }
 
 impl FileStats {
-    /// Takes one record in: a row (`stage` None) or an error record.
-    pub fn observe(&mut self, key: &str, label: Option<&str>, stage: Option<Stage>) {
+    /// Takes one record of `epoch` in: a row (`stage` None) or an error record.
+    pub fn observe(&mut self, epoch: Epoch, key: &str, label: Option<&str>, stage: Option<Stage>) {
         self.records += 1;
+        self.epoch = Some(match self.epoch {
+            None => (epoch, epoch),
+            Some((lo, hi)) => (lo.min(epoch), hi.max(epoch)),
+        });
         widen(&mut self.key, key);
         match label {
             Some(l) => widen(&mut self.label, l),
@@ -268,11 +273,14 @@ impl FileStats {
         }
     }
 
-    /// The statistics as Delta's JSON, for a file whose records all have `epoch`.
-    pub fn to_json(&self, epoch: Epoch) -> String {
+    /// The statistics as Delta's JSON. A file's records may span several epochs (a file
+    /// that compaction merged).
+    pub fn to_json(&self) -> String {
         let (mut min, mut max) = (serde_json::Map::new(), serde_json::Map::new());
-        min.insert("epoch".into(), epoch.into());
-        max.insert("epoch".into(), epoch.into());
+        if let Some((lo, hi)) = self.epoch {
+            min.insert("epoch".into(), lo.into());
+            max.insert("epoch".into(), hi.into());
+        }
         for (name, bounds) in [
             ("key", &self.key),
             ("label", &self.label),
@@ -303,6 +311,8 @@ impl FileStats {
 /// error record.
 #[derive(Clone, Debug)]
 pub struct IndexEntry {
+    /// The epoch that committed the record.
+    pub epoch: Epoch,
     /// Key, version, label (`None` for error records).
     pub row: RowId,
     /// The stage of an error record; `None` for a row.
@@ -393,7 +403,7 @@ fn stage_at(stages: &StringArray, i: usize, file: &str) -> Result<Option<Stage>,
 /// Key, version and label (rows) or stage (error records) of every record of one committed
 /// file: what a restart needs, without reading the embeddings.
 pub async fn read_index(store: &dyn ObjectStore, key: &str) -> Result<Vec<IndexEntry>, TableError> {
-    let columns = ["key", "etag", "label", "stage"];
+    let columns = ["epoch", "key", "etag", "label", "stage"];
     let mut out = Vec::new();
     for batch in read_batches(store, key, Some(&columns)).await? {
         out.extend(index_of(&batch, key)?);
@@ -401,9 +411,10 @@ pub async fn read_index(store: &dyn ObjectStore, key: &str) -> Result<Vec<IndexE
     Ok(out)
 }
 
-/// Key, version and label (rows) or stage (error records) of every record of `batch`, read
-/// from `file`.
+/// Epoch, key, version and label (rows) or stage (error records) of every record of
+/// `batch`, read from `file`.
 pub fn index_of(batch: &RecordBatch, file: &str) -> Result<Vec<IndexEntry>, TableError> {
+    let epochs = epochs_of(batch, file)?;
     let keys = strings(batch, "key", file)?;
     let etags = strings(batch, "etag", file)?;
     let labels = strings(batch, "label", file)?;
@@ -413,6 +424,7 @@ pub fn index_of(batch: &RecordBatch, file: &str) -> Result<Vec<IndexEntry>, Tabl
         let stage = stage_at(stages, i, file)?;
         let label = (stage.is_none() && !labels.is_null(i)).then(|| labels.value(i).to_string());
         out.push(IndexEntry {
+            epoch: epochs.value(i) as Epoch,
             row: RowId {
                 key: keys.value(i).to_string(),
                 etag: etags.value(i).to_string(),

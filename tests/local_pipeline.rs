@@ -152,7 +152,7 @@ fn table_files(out: &std::path::Path) -> HashSet<String> {
     let committed = rt
         .block_on(verger::commit::Committed::load(&delta, &store, &|_| true))
         .unwrap();
-    committed.files.into_iter().collect()
+    committed.files.into_iter().map(|f| f.path).collect()
 }
 
 #[test]

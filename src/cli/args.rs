@@ -331,6 +331,16 @@ pub struct EngineArgs {
     /// An existing table keeps its own.
     #[arg(long, default_value_t = verger::commit::delta::CHECKPOINT_INTERVAL, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_interval: u64,
+    /// Merge the table's small files once this many of about the same size (within a
+    /// factor of N) have piled up, in the version of the next epoch, so that the number of
+    /// files, and so start-up and every reader's listing, does not grow with the number of
+    /// epochs (watch mode commits small epochs for ever). 0 never merges.
+    #[arg(long, default_value_t = verger::commit::compaction::COMPACT_FILES, value_parser = compact_files)]
+    pub compact_files: usize,
+    /// Largest file a merge writes, in MiB; files of this size or more are never merged.
+    /// A merge holds its output and one input file in memory.
+    #[arg(long, default_value_t = verger::commit::compaction::COMPACT_TARGET_MIB, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub compact_target_mib: u64,
     /// Also write the run summary (counts, images/s, time per stage, peak RSS) to this JSON file.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
@@ -543,6 +553,15 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 }
 
 /// A duration such as `10s`, `500ms` or `2m`, longer than zero.
+/// `--compact-files`: 0 (never) or at least 2 (a merge of one file is none).
+fn compact_files(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(1) => Err("1 would merge a file with itself: use 0 (never) or 2 or more".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("must be longer than zero".to_string()),

@@ -32,6 +32,12 @@ pub fn inspect(
         superseded,
         deleted,
     )?;
+    let merged: usize = table.commits.iter().map(|c| c.compacted_from.len()).sum();
+    writeln!(
+        out,
+        "{} files in the snapshot; {merged} small files merged so far (--compact-files)",
+        table.files.len()
+    )?;
     // How the rows were made: model and derivation in the table's metadata (an output refuses
     // a run with others), and the extra columns of a label pattern.
     if let Some(last) = &table.identity {

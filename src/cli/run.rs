@@ -152,6 +152,10 @@ pub fn run_job(
         labels: engine.label_rule(),
         keep_deleted: service.keep_deleted,
         checkpoint_interval: engine.checkpoint_interval,
+        compaction: verger::commit::CompactionPolicy {
+            files: engine.compact_files,
+            target_bytes: engine.compact_target_mib << 20,
+        },
     };
     let bar = (service.progress && service.mode == Mode::Once)
         .then(|| progress::Bar::start(metrics.clone()));

@@ -32,6 +32,7 @@ use deltalake_core::{DeltaTable, DeltaTableBuilder, TableProperty};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
+use crate::commit::SnapshotFile;
 pub use crate::error::CommitError;
 use crate::record::{Epoch, FileKind, RowId, Stage, WrittenFile, FEATURE_DIM};
 use crate::storage::s3::OUTAGE_PAUSES;
@@ -119,6 +120,12 @@ pub struct EpochCommit {
     /// Files this epoch removed from the snapshot (each rewritten, or left with no record).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<String>,
+    /// Files merged from small files of earlier epochs (added with `dataChange` false).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compacted: Vec<WrittenFile>,
+    /// The small files those merges replace (removed with `dataChange` false).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compacted_from: Vec<String>,
     /// Older records of this epoch's keys that it removed (replaced objects, retried reads).
     #[serde(default)]
     pub superseded: u64,
@@ -388,24 +395,34 @@ impl DeltaOutput {
             };
         }
         let now = crate::commit::unix_ms(std::time::SystemTime::now()) as i64;
-        let adds = epoch.files.iter().chain(&epoch.rewritten).map(|f| {
+        let add = |f: &WrittenFile, data_change: bool| {
             Action::Add(Add {
                 path: f.key.clone(),
                 size: f.bytes as i64,
                 modification_time: now,
-                data_change: true,
+                data_change,
                 stats: Some(f.stats.clone()),
                 ..Default::default()
             })
-        });
-        let removes = epoch.removed.iter().map(|path| {
+        };
+        let remove = |path: &String, data_change: bool| {
             Action::Remove(Remove {
                 path: path.clone(),
-                data_change: true,
+                data_change,
                 deletion_timestamp: Some(now),
                 ..Default::default()
             })
-        });
+        };
+        // A merge of small files rearranges records without changing them: `dataChange`
+        // false, so that a streaming reader does not read them again.
+        let adds = (epoch
+            .files
+            .iter()
+            .chain(&epoch.rewritten)
+            .map(|f| add(f, true)))
+        .chain(epoch.compacted.iter().map(|f| add(f, false)));
+        let removes = (epoch.removed.iter().map(|p| remove(p, true)))
+            .chain(epoch.compacted_from.iter().map(|p| remove(p, false)));
         let actions = adds.chain(removes).collect();
         // An epoch that only adds is an append; one that also removes updates the table.
         let output_mode = match epoch.removed.is_empty() {
@@ -559,7 +576,7 @@ pub struct Committed {
     /// Every committed row with its epoch, oldest first.
     pub rows: Vec<(Epoch, RowId)>,
     /// The files of the table's snapshot.
-    pub files: Vec<String>,
+    pub files: Vec<SnapshotFile>,
     /// Which file holds each key's record, and whether the key is in the run's scope.
     pub index: crate::commit::SnapshotIndex,
 }
@@ -581,32 +598,30 @@ impl Committed {
         };
         let head = Self::head_of(output, &table).await?;
         let mut files = table_files(output, &table)?;
-        files.sort();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
         let (mut handled, mut rows) = (Vec::new(), Vec::new());
         let mut index = crate::commit::SnapshotIndex::default();
         // Several reads at once: on S3 each file is a round trip.
         use futures::{StreamExt, TryStreamExt};
         let mut indexes = futures::stream::iter(files.clone())
             .map(|file| async move {
-                let entries = table::read_index(store, &file).await?;
+                let entries = table::read_index(store, &file.path).await?;
                 Ok::<_, CommitError>((file, entries))
             })
             .buffered(INDEX_READS);
         while let Some((file, entries)) = indexes.try_next().await? {
-            let epoch = epoch_of_file(&file).unwrap_or_default();
             index.add_file(
                 file,
                 entries
                     .iter()
                     .map(|e| (e.row.key.as_str(), in_scope(&e.row.key))),
             );
-            // Every record of a file has its epoch; the index does not read the column.
             for entry in entries {
                 if entry.stage != Some(Stage::Fetch) {
-                    handled.push((epoch, entry.row.key.clone(), entry.row.etag.clone()));
+                    handled.push((entry.epoch, entry.row.key.clone(), entry.row.etag.clone()));
                 }
                 if entry.stage.is_none() {
-                    rows.push((epoch, entry.row));
+                    rows.push((entry.epoch, entry.row));
                 }
             }
         }
@@ -645,15 +660,12 @@ impl Committed {
     }
 }
 
-/// The epoch in a file's name (`data/e0000000012-w0001-<run>.parquet`).
-fn epoch_of_file(key: &str) -> Option<Epoch> {
-    let name = key.rsplit('/').next()?;
-    name.strip_prefix('e')?.get(..10)?.parse().ok()
-}
-
-/// The paths of the snapshot's files, each checked to lie under the output (the log is data
-/// from storage: a hand-edited one must not make verger open `../../etc/passwd`).
-pub fn table_files(output: &DeltaOutput, table: &DeltaTable) -> Result<Vec<String>, CommitError> {
+/// The snapshot's files with their sizes, each checked to lie under the output (the log is
+/// data from storage: a hand-edited one must not make verger open `../../etc/passwd`).
+pub fn table_files(
+    output: &DeltaOutput,
+    table: &DeltaTable,
+) -> Result<Vec<SnapshotFile>, CommitError> {
     let snapshot = table.snapshot().map_err(output.delta_error())?;
     snapshot
         .log_data()
@@ -664,7 +676,10 @@ pub fn table_files(output: &DeltaOutput, table: &DeltaTable) -> Result<Vec<Strin
                 key: format!("{}/{LOG_PREFIX}", output.location.trim_end_matches('/')),
                 reason: e.to_string(),
             })?;
-            Ok(path)
+            Ok(SnapshotFile {
+                path,
+                bytes: file.size().max(0) as u64,
+            })
         })
         .collect()
 }
@@ -755,13 +770,5 @@ mod tests {
             location: "out".into(),
         };
         assert!(!refused.is_transient());
-    }
-
-    #[test]
-    fn the_epoch_is_read_back_from_a_file_name() {
-        let key = file_key(FileKind::Errors, 12, 3, "r1");
-        assert_eq!(key, "errors/e0000000012-w0003-r1.parquet");
-        assert_eq!(epoch_of_file(&key), Some(12));
-        assert_eq!(epoch_of_file("data/x.parquet"), None);
     }
 }

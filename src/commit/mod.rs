@@ -4,6 +4,9 @@
 //!
 //! - [`delta`]: the output's Delta table: file names, the commit of an epoch (with its
 //!   `txn` action), and what earlier runs committed ([`Committed`]).
+//! - [`snapshot`]: which file holds each key's record, and the rewrites that take
+//!   superseded and deleted records out of the snapshot.
+//! - [`compaction`]: small files merged, so the snapshot's file count stays bounded.
 //! - [`stage`]: the dataflow's last stage. Every worker's published files go to worker 0,
 //!   which gathers an epoch until its frontier passes, commits it, and reports the
 //!   committed epoch back to the source through a [`CommitFeed`] the source owns.
@@ -11,9 +14,11 @@
 //! A committed epoch is never redone; an uncommitted one (a crash, a kill, a failed write) is
 //! redone by later runs until it commits.
 
+pub mod compaction;
 pub mod delta;
 pub mod snapshot;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -26,10 +31,11 @@ use crate::error::StageError;
 use crate::operators::{async_map, fold_epochs, StageContext};
 use crate::record::{Epoch, FileKind, Published, RowId, WorkerFailed};
 use crate::storage::ObjectStore;
+pub use compaction::CompactionPolicy;
 pub use delta::{
     CommitError, Committed, CommittedEpoch, DeltaOutput, EpochCommit, Identity, LOG_PREFIX,
 };
-pub use snapshot::{key_hash, KeyHash, SnapshotIndex};
+pub use snapshot::{key_hash, KeyHash, SnapshotFile, SnapshotIndex};
 
 /// What the commit stage tells the source about one committed epoch.
 #[derive(Clone, Debug)]
@@ -90,6 +96,8 @@ pub struct CommitSettings {
     pub store: Arc<dyn ObjectStore>,
     /// Which file holds each key's current record (filled from the table at start-up).
     pub index: Arc<std::sync::Mutex<SnapshotIndex>>,
+    /// When the snapshot's small files are merged.
+    pub compaction: CompactionPolicy,
 }
 
 /// What the committing worker gathers for one epoch.
@@ -123,6 +131,7 @@ pub fn stage<'s>(
         run_started_ms,
         store,
         index,
+        compaction,
     } = settings;
     let fatal = ctx.fatal.clone();
     let parts = published
@@ -166,6 +175,7 @@ pub fn stage<'s>(
             table: table.clone(),
             store: store.clone(),
             index: index.clone(),
+            compaction,
         };
         commit(target, epoch, ctx_in.clone(), lease_lost.clone())
     })
@@ -180,6 +190,7 @@ pub fn stage<'s>(
             errors = m.errors,
             superseded = m.superseded,
             deleted = m.deleted,
+            merged = m.compacted_from.len(),
             "epoch committed"
         );
         // The source may be gone already (a failing run): nothing left to tell.
@@ -262,74 +273,124 @@ pub fn unix_ms(t: std::time::SystemTime) -> u64 {
 }
 
 /// Where the commit stage commits: the table (opened at the first commit and kept, up to
-/// date, for the next ones), the output store and the snapshot's index.
+/// date, for the next ones), the output store, the snapshot's index and the compaction
+/// policy.
 struct Target {
     output: DeltaOutput,
     table: Arc<tokio::sync::Mutex<Option<deltalake_core::DeltaTable>>>,
     store: Arc<dyn ObjectStore>,
     index: Arc<std::sync::Mutex<SnapshotIndex>>,
+    compaction: CompactionPolicy,
 }
 
 /// Commits the epoch's Delta version, unless the lease is lost or the run is failing: its
-/// files, and the rewrites that take its keys' older records and its deleted keys' records
-/// out of the snapshot.
+/// files, the rewrites that take its keys' older records and its deleted keys' records
+/// out of the snapshot, and the merges of small files.
 async fn commit(
     target: Target,
     mut epoch: CommittedEpoch,
     ctx: StageContext,
     lease_lost: Arc<AtomicBool>,
 ) -> Option<CommittedEpoch> {
-    let Target {
-        output,
-        table,
-        store,
-        index,
-    } = target;
     let e = epoch.commit.epoch;
     if lease_lost.load(Ordering::Acquire) {
         ctx.fatal.set(StageError::LeaseLost {
             epoch: e,
-            location: output.location().to_string(),
+            location: target.output.location().to_string(),
         });
         return None;
     }
     if ctx.fatal.is_set() {
         return None; // the run is failing, for a reason already recorded
     }
-    let mut table = table.lock().await;
-    let committed = async {
-        let new_keys: Vec<&str> = epoch
-            .file_keys
-            .iter()
-            .flat_map(|(_, keys)| keys.iter().map(String::as_str))
-            .collect();
-        let run = epoch.commit.run.clone();
-        let removal =
-            snapshot::supersede(store.as_ref(), &index, (e, &run), &new_keys, &epoch.deleted)
-                .await?;
-        epoch.commit.rewritten = removal.rewritten.clone();
-        epoch.commit.removed = removal.removed.clone();
-        epoch.commit.superseded = removal.superseded;
-        epoch.commit.deleted = removal.deleted.len() as u64;
-        output.commit(&mut table, &epoch.commit).await?;
-        let files = epoch
-            .file_keys
-            .iter()
-            .map(|(path, keys)| (path.clone(), keys.iter().map(String::as_str).collect()));
-        index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(&removal, &epoch.deleted, files);
-        Ok::<_, CommitError>(removal.deleted)
+    let mut table = target.table.lock().await;
+    let place = EpochTarget {
+        output: &target.output,
+        store: target.store.as_ref(),
+        index: &target.index,
+        compaction: target.compaction,
     };
+    let committed = commit_epoch(place, &mut table, &mut epoch);
     match ctx.metrics.request(committed).await {
-        Ok(deleted) => {
-            epoch.deleted_rows = deleted;
-            Some(epoch)
-        }
+        Ok(()) => Some(epoch),
         Err(source) => {
             ctx.fatal.set(StageError::Commit { epoch: e, source });
             None
         }
     }
+}
+
+/// Where [`commit_epoch`] commits.
+#[derive(Clone, Copy)]
+pub struct EpochTarget<'a> {
+    /// The output's Delta table.
+    pub output: &'a DeltaOutput,
+    /// The output store, where rewritten and merged files are written.
+    pub store: &'a dyn ObjectStore,
+    /// Which file holds each key's current record; updated once the epoch is committed.
+    pub index: &'a std::sync::Mutex<SnapshotIndex>,
+    /// When small files are merged.
+    pub compaction: CompactionPolicy,
+}
+
+/// Commits `epoch` into `table` (opened here if `None`): the rewrites that take its keys'
+/// older records and its deleted keys' records out of the snapshot, the merges of small
+/// files, and its own files, in one Delta version; then updates the index and fills the
+/// epoch's commit record and the records its deletions removed.
+pub async fn commit_epoch(
+    target: EpochTarget<'_>,
+    table: &mut Option<deltalake_core::DeltaTable>,
+    epoch: &mut CommittedEpoch,
+) -> Result<(), CommitError> {
+    let e = epoch.commit.epoch;
+    let new_keys: Vec<&str> = epoch
+        .file_keys
+        .iter()
+        .flat_map(|(_, keys)| keys.iter().map(String::as_str))
+        .collect();
+    let run = epoch.commit.run.clone();
+    let mut removal = snapshot::supersede(
+        target.store,
+        target.index,
+        (e, &run),
+        &new_keys,
+        &epoch.deleted,
+    )
+    .await?;
+    compaction::compact(
+        target.store,
+        target.index,
+        (e, &run),
+        target.compaction,
+        &mut removal,
+    )
+    .await?;
+    use std::mem::take;
+    epoch.commit.rewritten = take(&mut removal.rewritten);
+    epoch.commit.removed = take(&mut removal.removed);
+    epoch.commit.compacted = take(&mut removal.compacted);
+    epoch.commit.compacted_from = take(&mut removal.compacted_from);
+    epoch.commit.superseded = removal.superseded;
+    epoch.commit.deleted = removal.deleted.len() as u64;
+    target.output.commit(table, &epoch.commit).await?;
+    let sizes: HashMap<&str, u64> = epoch
+        .commit
+        .files
+        .iter()
+        .map(|f| (f.key.as_str(), f.bytes))
+        .collect();
+    let files = epoch.file_keys.iter().map(|(path, keys)| {
+        let file = SnapshotFile {
+            path: path.clone(),
+            bytes: sizes.get(path.as_str()).copied().unwrap_or_default(),
+        };
+        (file, keys.iter().map(String::as_str).collect())
+    });
+    target
+        .index
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .apply(&removal, &epoch.deleted, files);
+    epoch.deleted_rows = removal.deleted;
+    Ok(())
 }

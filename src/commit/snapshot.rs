@@ -44,11 +44,22 @@ struct Place {
     in_scope: bool,
 }
 
+/// A file of the snapshot: its path and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    /// Its key in the output store.
+    pub path: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
 /// Which file of the snapshot holds each key's record (see the module documentation).
 #[derive(Debug, Default)]
 pub struct SnapshotIndex {
-    /// The snapshot's files by index; `None` once removed with nothing left to add.
-    files: Vec<Option<String>>,
+    /// The snapshot's files by slot; `None` once removed with nothing left to add.
+    files: Vec<Option<SnapshotFile>>,
+    /// Slots emptied by a merge, which no key points to any more: reused by the next file.
+    free: Vec<u32>,
     keys: HashMap<KeyHash, Place>,
     /// Keys with records in more than one file (a table written before verger superseded
     /// records): the other files. The first rewrite that touches the key removes them all.
@@ -68,20 +79,42 @@ pub struct Supersession {
     /// Records removed because a newer record of their key came (replaced objects, retried
     /// reads).
     pub superseded: u64,
-    /// Index updates to apply once the commit is made: (file index, its new path).
-    updates: Vec<(u32, Option<String>)>,
+    /// Files that compaction wrote, each the records of several small files (added by the
+    /// commit as a rearrangement: `dataChange` false).
+    pub compacted: Vec<WrittenFile>,
+    /// The small files they replace (removed with `dataChange` false).
+    pub compacted_from: Vec<String>,
+    /// Index updates to apply once the commit is made: (file slot, its new file).
+    updates: Vec<(u32, Option<SnapshotFile>)>,
+    /// Merges to apply once the commit is made: the slots merged, and their merged file.
+    pub(super) merges: Vec<(Vec<u32>, SnapshotFile)>,
 }
 
 impl SnapshotIndex {
-    /// Records that `path`, a file of the snapshot, holds the records of `keys` (each with
+    /// Records that `file`, a file of the snapshot, holds the records of `keys` (each with
     /// whether it is in this run's scope). A key already placed in another file keeps both.
-    pub fn add_file<'a>(&mut self, path: String, keys: impl IntoIterator<Item = (&'a str, bool)>) {
-        let file = self.files.len() as u32;
-        self.files.push(Some(path));
+    pub fn add_file<'a>(
+        &mut self,
+        file: SnapshotFile,
+        keys: impl IntoIterator<Item = (&'a str, bool)>,
+    ) {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.files[slot as usize] = Some(file);
+                slot
+            }
+            None => {
+                self.files.push(Some(file));
+                self.files.len() as u32 - 1
+            }
+        };
         for (key, in_scope) in keys {
-            let place = Place { file, in_scope };
+            let place = Place {
+                file: slot,
+                in_scope,
+            };
             if let Some(old) = self.keys.insert(key_hash(key), place) {
-                if old.file != file {
+                if old.file != slot {
                     self.more.entry(key_hash(key)).or_default().push(old.file);
                 }
             }
@@ -96,6 +129,14 @@ impl SnapshotIndex {
     /// Whether the snapshot has no record.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// The snapshot's files with their slots, in slot order.
+    pub fn files(&self) -> impl Iterator<Item = (u32, &SnapshotFile)> + '_ {
+        self.files
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, file)| Some((slot as u32, file.as_ref()?)))
     }
 
     /// The keys in this run's scope that `listed` (every key of one complete listing) does
@@ -118,38 +159,69 @@ impl SnapshotIndex {
         first.into_iter().chain(more)
     }
 
-    /// Applies a commit: the rewritten and removed files, then the epoch's own `files` with
-    /// the keys of their records (all in scope: this run listed them).
+    /// Applies a commit: the rewritten and removed files, the merged ones, then the
+    /// epoch's own `files` with the keys of their records (all in scope: this run listed
+    /// them).
     pub fn apply<'a>(
         &mut self,
         supersession: &Supersession,
         deleted: &[KeyHash],
-        files: impl IntoIterator<Item = (String, Vec<&'a str>)>,
+        files: impl IntoIterator<Item = (SnapshotFile, Vec<&'a str>)>,
     ) {
         for (file, path) in &supersession.updates {
             self.files[*file as usize] = path.clone();
+        }
+        for (slots, merged) in &supersession.merges {
+            self.merge(slots, merged.clone());
         }
         for hash in deleted {
             self.keys.remove(hash);
             self.more.remove(hash);
         }
         // A key's older records were all rewritten away: its new record is its only one.
-        let files: Vec<(String, Vec<&str>)> = files.into_iter().collect();
+        let files: Vec<(SnapshotFile, Vec<&str>)> = files.into_iter().collect();
         for key in files.iter().flat_map(|(_, keys)| keys) {
             self.keys.remove(&key_hash(key));
             self.more.remove(&key_hash(key));
         }
-        for (path, keys) in files {
-            self.add_file(path, keys.into_iter().map(|k| (k, true)));
+        for (file, keys) in files {
+            self.add_file(file, keys.into_iter().map(|k| (k, true)));
         }
         if supersession.updates.iter().any(|(_, path)| path.is_none()) {
-            let live: HashSet<u32> = (0..self.files.len() as u32)
-                .filter(|f| self.files[*f as usize].is_some())
-                .collect();
+            let live: HashSet<u32> = self.files().map(|(slot, _)| slot).collect();
             self.more.retain(|_, files| {
                 files.retain(|f| live.contains(f));
                 !files.is_empty()
             });
+        }
+    }
+
+    /// Replaces the files of `slots` by `merged`, which holds all their records: the first
+    /// slot takes it, the keys of the others move there (one pass over the keys), and the
+    /// others are free for later files.
+    fn merge(&mut self, slots: &[u32], merged: SnapshotFile) {
+        let Some((&into, others)) = slots.split_first() else {
+            return;
+        };
+        self.files[into as usize] = Some(merged);
+        let others: HashSet<u32> = others.iter().copied().collect();
+        for place in self.keys.values_mut() {
+            if others.contains(&place.file) {
+                place.file = into;
+            }
+        }
+        for files in self.more.values_mut() {
+            for f in files.iter_mut() {
+                if others.contains(f) {
+                    *f = into;
+                }
+            }
+            files.sort_unstable();
+            files.dedup();
+        }
+        for slot in others {
+            self.files[slot as usize] = None;
+            self.free.push(slot);
         }
     }
 }
@@ -202,7 +274,7 @@ pub async fn supersede(
         }
         plan.into_iter()
             .filter_map(|(file, drops)| {
-                let path = index.files[file as usize].clone()?;
+                let path = index.files[file as usize].as_ref()?.path.clone();
                 Some((file, (path, drops)))
             })
             .collect()
@@ -212,13 +284,11 @@ pub async fn supersede(
         let batches = table::read_batches(store, &path, None).await?;
         let mut kept = Vec::with_capacity(batches.len());
         let (mut stats, mut dropped) = (FileStats::default(), 0u64);
-        let mut file_epoch = None;
         for batch in batches {
             let (keep, records) = keep_mask(&batch, &path, &drops)?;
             for (epoch, row, removed, stage) in records {
-                file_epoch.get_or_insert(epoch);
                 match removed {
-                    Removal::Kept => stats.observe(&row.key, row.label.as_deref(), stage),
+                    Removal::Kept => stats.observe(epoch, &row.key, row.label.as_deref(), stage),
                     Removal::Superseded => {
                         dropped += 1;
                         out.superseded += 1;
@@ -259,9 +329,15 @@ pub async fn supersede(
             },
             rows: kept.iter().map(|b| b.num_rows() as u64).sum(),
             bytes: size,
-            stats: stats.to_json(file_epoch.unwrap_or(epoch)),
+            stats: stats.to_json(),
         });
-        out.updates.push((file, Some(key)));
+        out.updates.push((
+            file,
+            Some(SnapshotFile {
+                path: key,
+                bytes: size,
+            }),
+        ));
     }
     Ok(out)
 }
@@ -284,10 +360,9 @@ fn keep_mask(
     drops: &Drops,
 ) -> Result<(BooleanArray, Vec<Seen>), CommitError> {
     let index = table::index_of(batch, path)?;
-    let epochs = table::epochs_of(batch, path)?;
     let mut keep = Vec::with_capacity(index.len());
     let mut seen = Vec::with_capacity(index.len());
-    for (i, entry) in index.into_iter().enumerate() {
+    for entry in index {
         let removal = if drops.keys.contains(&entry.row.key) {
             Removal::Superseded
         } else if !drops.hashes.is_empty() && drops.hashes.contains(&key_hash(&entry.row.key)) {
@@ -296,7 +371,7 @@ fn keep_mask(
             Removal::Kept
         };
         keep.push(matches!(removal, Removal::Kept));
-        seen.push((epochs.value(i) as Epoch, entry.row, removal, entry.stage));
+        seen.push((entry.epoch, entry.row, removal, entry.stage));
     }
     Ok((BooleanArray::from(keep), seen))
 }
@@ -316,25 +391,61 @@ mod tests {
         );
     }
 
+    fn file(path: &str) -> SnapshotFile {
+        SnapshotFile {
+            path: path.into(),
+            bytes: 1,
+        }
+    }
+
     /// Keys gone from a complete listing are those in scope that it did not hold; a key
     /// placed twice (an older table) keeps both files until a commit touches it.
     #[test]
     fn gone_keys_are_those_in_scope_not_listed() {
         let mut index = SnapshotIndex::default();
-        index.add_file("data/a".into(), [("x", true), ("y", true), ("z", false)]);
-        index.add_file("data/b".into(), [("x", true)]);
+        index.add_file(file("data/a"), [("x", true), ("y", true), ("z", false)]);
+        index.add_file(file("data/b"), [("x", true)]);
         let listed: HashSet<KeyHash> = [key_hash("x")].into();
         assert_eq!(index.gone(&listed), [key_hash("y")]);
         assert_eq!(index.files_of(key_hash("x")).collect::<Vec<_>>(), [1, 0]);
 
         let done = Supersession {
-            updates: vec![(0, Some("data/a2".into())), (1, None)],
+            updates: vec![(0, Some(file("data/a2"))), (1, None)],
             ..Supersession::default()
         };
-        index.apply(&done, &[key_hash("y")], [("data/c".to_string(), vec!["x"])]);
+        index.apply(&done, &[key_hash("y")], [(file("data/c"), vec!["x"])]);
         assert_eq!(index.files_of(key_hash("x")).collect::<Vec<_>>(), [2]);
         assert_eq!(index.files_of(key_hash("y")).count(), 0);
-        assert_eq!(index.files[0].as_deref(), Some("data/a2"));
+        assert_eq!(
+            index.files[0].as_ref().map(|f| f.path.as_str()),
+            Some("data/a2")
+        );
         assert_eq!(index.len(), 2);
+    }
+
+    /// A merge moves the keys of every merged file to the merged one, and the slots it
+    /// frees are taken by the next files.
+    #[test]
+    fn a_merge_moves_keys_and_frees_slots() {
+        let mut index = SnapshotIndex::default();
+        index.add_file(file("data/a"), [("x", true)]);
+        index.add_file(file("data/b"), [("y", true)]);
+        index.add_file(file("data/c"), [("z", true)]);
+        index.add_file(file("data/d"), [("x", true)]); // x in two files (an older table)
+        let done = Supersession {
+            merges: vec![(vec![1, 2, 3], file("data/m"))],
+            ..Supersession::default()
+        };
+        index.apply(&done, &[], []);
+        for key in ["y", "z"] {
+            assert_eq!(index.files_of(key_hash(key)).collect::<Vec<_>>(), [1]);
+        }
+        assert_eq!(index.files_of(key_hash("x")).collect::<Vec<_>>(), [1, 0]);
+        let paths: Vec<&str> = index.files().map(|(_, f)| f.path.as_str()).collect();
+        assert_eq!(paths, ["data/a", "data/m"]);
+        index.apply(&Supersession::default(), &[], [(file("data/e"), vec!["w"])]);
+        let slot = index.files_of(key_hash("w")).next().unwrap();
+        assert!(slot == 2 || slot == 3, "a freed slot is reused: {slot}");
+        assert_eq!(index.files().count(), 3);
     }
 }

@@ -71,6 +71,8 @@ pub struct RunConfig {
     pub keep_deleted: bool,
     /// Delta versions between checkpoints of a table this run creates.
     pub checkpoint_interval: u64,
+    /// When the table's small files are merged.
+    pub compaction: crate::commit::CompactionPolicy,
 }
 
 /// How large one input object may be: what keeps a worker's memory bounded whatever the
@@ -128,6 +130,7 @@ impl RunConfig {
             labels: crate::label::LabelRule::default(),
             keep_deleted: false,
             checkpoint_interval: crate::commit::delta::CHECKPOINT_INTERVAL,
+            compaction: crate::commit::CompactionPolicy::default(),
         }
     }
 }

@@ -125,6 +125,7 @@ fn worker(worker: &mut Worker, job: &Job) -> Option<WorkerReport> {
             run_started_ms: job.started_ms,
             store: job.output.clone(),
             index: index.clone(),
+            compaction: config.compaction,
         };
         let deleted = source::deletions(scope, &mut deletions);
         commit::stage(published, deleted, ctx, settings).probe_with(&probe);

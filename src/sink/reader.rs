@@ -25,6 +25,8 @@ pub struct Table {
     pub identity: Option<Identity>,
     /// The Delta version read.
     pub version: Option<u64>,
+    /// The snapshot's files (data and errors), by path.
+    pub files: Vec<String>,
 }
 
 impl Table {
@@ -94,7 +96,10 @@ pub async fn read_table(
     let last = delta.txn_version(&table).await?;
     out.commits
         .retain(|c| last.is_some_and(|last| c.epoch as i64 <= last));
-    let mut files = table_files(delta, &table)?;
+    let mut files: Vec<String> = table_files(delta, &table)?
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
     files.sort();
     let mut records = Vec::new();
     for file in &files {
@@ -102,6 +107,7 @@ pub async fn read_table(
             records.push(decode_records(&batch, file)?);
         }
     }
+    out.files = files;
     // Commit order: by epoch, then the file's order.
     let mut rows: Vec<_> = records.iter_mut().flat_map(|r| r.rows.drain(..)).collect();
     let mut errors: Vec<_> = records

@@ -136,7 +136,7 @@ impl<R> TableWriter<R> {
             key: self.key,
             kind,
             rows: self.rows,
-            stats: self.stats.to_json(self.epoch),
+            stats: self.stats.to_json(),
             ids: self.ids,
             failed_reads: self.failed_reads,
         })
@@ -179,7 +179,7 @@ impl EpochWriter {
                     )?);
                 }
                 let w = self.data.as_mut().expect("just created");
-                w.stats.observe(&row.key, row.label.as_deref(), None);
+                w.stats.observe(epoch, &row.key, row.label.as_deref(), None);
                 w.ids.push(RowId {
                     key: row.key.clone(),
                     etag: row.etag.clone(),
@@ -206,7 +206,8 @@ impl EpochWriter {
                 );
                 self.metrics.failed.inc();
                 let w = self.errors.as_mut().expect("just created");
-                w.stats.observe(&failure.key, None, Some(failure.stage));
+                w.stats
+                    .observe(epoch, &failure.key, None, Some(failure.stage));
                 let id = RowId {
                     key: failure.key.clone(),
                     etag: failure.etag.clone(),
