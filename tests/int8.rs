@@ -12,7 +12,8 @@ use verger::embed::{Backend, Embedder, ModelSpec, Precision, WeightsError};
 /// The published Lite0 weights copied into `dir`, so that the calibration written beside them
 /// stays this test's.
 fn private_weights(dir: &Path) -> PathBuf {
-    let path = dir.join("efficientnet_lite0.pth");
+    let spec = ModelSpec::named("efficientnet-lite0").unwrap();
+    let path = dir.join(&spec.file_name);
     std::fs::copy(weights(), &path).unwrap();
     path
 }
@@ -137,6 +138,49 @@ fn int8_run_keeps_the_sample_separable_and_its_output_to_itself() {
         "{printed}"
     );
     assert!(Calibration::path_beside(&path).exists());
+    let listed = succeeds(
+        verger()
+            .args(["model", "list", "--model-dir"])
+            .arg(dir.path()),
+    );
+    assert!(
+        listed
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("(cached, calibrated for int8)"),
+        "{listed}"
+    );
+    assert!(listed.lines().nth(1).unwrap().ends_with("(not downloaded)"));
+
+    // A folder with no picture verger decodes: one line naming it, no calibration written.
+    let empty = dir.path().join("no-pictures");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("notes.jpg"), b"not a picture").unwrap();
+    let other = dir
+        .path()
+        .join("other")
+        .join(&ModelSpec::named("efficientnet-lite0").unwrap().file_name);
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    std::fs::copy(&path, &other).unwrap();
+    let refused = verger()
+        .env("VERGER_WEIGHTS", &other)
+        .args(["model", "calibrate", "--input"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("verger: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("no image to calibrate on in") && errors[0].contains("no-pictures"),
+        "{stderr}"
+    );
+    assert!(!Calibration::path_beside(&other).exists());
 
     let accuracy = |precision: &str, out: &Path| {
         succeeds(

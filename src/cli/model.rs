@@ -121,12 +121,16 @@ pub fn fetch(out: &mut dyn std::io::Write, args: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// `verger model list`: one line per model, the default first.
+/// `verger model list`: one line per model, the default first, with whether its weights are
+/// cached and calibrated for `--precision int8`.
 pub fn list(out: &mut dyn std::io::Write, model_dir: Option<&std::path::Path>) -> Result<()> {
     for spec in ModelSpec::all() {
-        let cached = match weights_file::is_cached(&spec, model_dir) {
-            true => "cached",
-            false => "not downloaded",
+        let file = weights_file::cache_dir(model_dir).join(&spec.file_name);
+        let calibrated = Calibration::path_beside(&file).is_file();
+        let cached = match (weights_file::is_cached(&spec, model_dir), calibrated) {
+            (true, true) => "cached, calibrated for int8",
+            (true, false) => "cached",
+            (false, _) => "not downloaded",
         };
         writeln!(
             out,
