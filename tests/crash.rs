@@ -25,8 +25,9 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
     assert_eq!(keys.len(), SAMPLE_IMAGES);
 
     let endpoint = server.endpoint();
-    // Epochs of 200 images (~2 s here) and every file a multipart upload: the kills land in
-    // listing, processing, uploads and commits alike.
+    // Epochs of 200 images (~2 s here), every file a multipart upload and small files merged
+    // once three have piled up: the kills land in listing, processing, uploads, merges and
+    // commits alike.
     let args = [
         "run",
         "--input",
@@ -42,6 +43,8 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
         "200",
         "--multipart-threshold-mib",
         "0",
+        "--compact-files",
+        "3",
     ];
     kill_ten_times_then_finish(&args, || {
         rt.block_on(committed_epochs(&client, "crash", "out/"))
@@ -53,6 +56,10 @@ fn ten_kill_9_at_random_moments_then_every_image_exactly_once() {
         epochs,
         (0..epochs.len() as u64).collect::<Vec<_>>(),
         "one Delta version per epoch, consecutive"
+    );
+    assert!(
+        table.commits.iter().any(|c| !c.compacted.is_empty()),
+        "no epoch merged small files"
     );
     let rows = by_key(table.rows); // panics on a duplicate key
     assert_eq!(rows.len(), SAMPLE_IMAGES);
@@ -176,6 +183,10 @@ fn ten_kill_9_on_a_local_table_then_the_deltalake_reader_sees_every_image_once()
         "one epoch per version, consecutive"
     );
     let table = read_output(&out);
+    assert!(
+        table.commits.iter().any(|c| !c.compacted.is_empty()),
+        "no epoch merged small files"
+    );
     assert_eq!(by_key(table.rows).len(), SAMPLE_IMAGES);
 }
 
@@ -246,6 +257,8 @@ fn whole_sample_args(out: &Path) -> Vec<String> {
         "2",
         "--epoch-size",
         "200",
+        "--compact-files",
+        "3",
     ]
     .map(String::from)
     .to_vec()
