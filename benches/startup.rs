@@ -1,4 +1,4 @@
-//! `startup`: what a restart reads of an output's Delta table after 10 and after 1,000
+//! `startup`: what a restart reads of an output's Delta table after 10, 200 and 1,000
 //! committed epochs, on a local table built here (one data file per epoch):
 //!
 //! - `log/<epochs>`: opening the table and reading its txn version (the last committed
@@ -8,7 +8,9 @@
 //!   the log, then the key index of every file of the snapshot) for the same 2,000 rows in
 //!   10 or 1,000 epochs, committed as a run commits them (`commit_epoch`, small files merged
 //!   by the default compaction policy); `state/1000-no-compaction` keeps one file per
-//!   epoch (`--compact-files 0`), so it reads 1,000 files.
+//!   epoch (`--compact-files 0`), so it reads 1,000 files; `…/1000-no-tombstones` drops
+//!   removed files from checkpoints at once (`--deleted-file-retention 0s`) instead of
+//!   keeping them for Delta's default week.
 //!
 //! Run: `cargo bench --bench startup`.
 
@@ -35,6 +37,7 @@ fn table(
     epochs: usize,
     interval: u64,
     compaction: CompactionPolicy,
+    retention: Option<std::time::Duration>,
 ) -> (tempfile::TempDir, LocalStore, DeltaOutput) {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let store = LocalStore::open(dir.path(), true).expect("opens");
@@ -46,7 +49,10 @@ fn table(
         columns: Vec::new(),
     };
     runtime.block_on(async {
-        delta.create(&identity, interval).await.expect("created");
+        delta
+            .create(&identity, interval, retention)
+            .await
+            .expect("created");
         let mut open = None;
         let index = std::sync::Mutex::new(SnapshotIndex::default());
         let per_epoch = ROWS / epochs;
@@ -119,13 +125,23 @@ fn startup(c: &mut Criterion) {
     let mut group = c.benchmark_group("startup");
     group.sample_size(10);
     let (merging, never) = (CompactionPolicy::default(), CompactionPolicy::never());
-    for (epochs, interval, compaction, name) in [
-        (10, 100, merging, "10"),
-        (1_000, 100, merging, "1000"),
-        (1_000, 100, never, "1000-no-compaction"),
-        (1_000, u64::from(u32::MAX), never, "1000-no-checkpoint"),
+    // Tombstones of merged files dropped from checkpoints at once, not kept for a week.
+    let short = Some(std::time::Duration::ZERO);
+    for (epochs, interval, compaction, retention, name) in [
+        (10, 100, merging, None, "10"),
+        (200, 100, merging, None, "200"),
+        (1_000, 100, merging, None, "1000"),
+        (1_000, 100, merging, short, "1000-no-tombstones"),
+        (1_000, 100, never, None, "1000-no-compaction"),
+        (
+            1_000,
+            u64::from(u32::MAX),
+            never,
+            None,
+            "1000-no-checkpoint",
+        ),
     ] {
-        let (_dir, store, delta) = table(&runtime, epochs, interval, compaction);
+        let (_dir, store, delta) = table(&runtime, epochs, interval, compaction, retention);
         if compaction == merging {
             let files = runtime
                 .block_on(Committed::load(&delta, &store, &|_| true))

@@ -271,3 +271,53 @@ fn merged_files_keep_every_record_and_later_runs_rewrite_them() {
         [n.to_string(), n.to_string(), after_errors.len().to_string()]
     );
 }
+
+/// The tombstones of merged-away files: kept in the table's checkpoints for Delta's default
+/// week, dropped at once with `deleted_file_retention` zero (what keeps start-up flat in a
+/// long watch run), and the table reads the same either way.
+#[test]
+fn a_short_deleted_file_retention_keeps_tombstones_out_of_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let input_dir = dir.path().join("in");
+    std::fs::create_dir_all(&input_dir).unwrap();
+    for i in 0..30 {
+        std::fs::write(input_dir.join(format!("f{i:02}.jpg")), b"").unwrap();
+    }
+    common::python::require_python_packages();
+    let mut seen = Vec::new();
+    for (name, retention) in [("week", None), ("zero", Some(std::time::Duration::ZERO))] {
+        let out = dir.path().join(name);
+        let mut config = common::config(&input_dir, &out, 1, 1);
+        config.compaction = CompactionPolicy {
+            files: 2,
+            target_bytes: 64 << 20,
+        };
+        config.checkpoint_interval = 10;
+        config.deleted_file_retention = retention;
+        let summary = common::run(&config);
+        assert_eq!((summary.errors, summary.epochs), (30, 30));
+        let counts = common::python::run_python(
+            &format!(
+                "import glob, pyarrow.parquet as pq\n\
+                 from deltalake import DeltaTable\n\
+                 last = sorted(glob.glob('{name}/_delta_log/*.checkpoint.parquet'))[-1]\n\
+                 t = pq.read_table(last).to_pydict()\n\
+                 adds = sum(1 for a in t['add'] if a)\n\
+                 removes = sum(1 for r in t.get('remove', []) if r)\n\
+                 df = DeltaTable('{name}').to_pandas()\n\
+                 print(adds, removes, len(df), df['key'].nunique())"
+            ),
+            dir.path(),
+        );
+        let n: Vec<usize> = counts
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        seen.push((name, n));
+    }
+    let (week, zero) = (&seen[0].1, &seen[1].1);
+    assert!(week[1] > week[0], "a week keeps the tombstones: {seen:?}");
+    assert_eq!(zero[1], 0, "zero keeps none: {seen:?}");
+    assert_eq!(&week[2..], [30, 30]);
+    assert_eq!(&zero[2..], [30, 30]);
+}

@@ -331,6 +331,13 @@ pub struct EngineArgs {
     /// An existing table keeps its own.
     #[arg(long, default_value_t = verger::commit::delta::CHECKPOINT_INTERVAL, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_interval: u64,
+    /// How long a new output table keeps removed files (superseded, deleted, merged) as
+    /// tombstones in its checkpoints (its `delta.deletedFileRetentionDuration`), e.g. `1h`;
+    /// Delta's default, a week, if not given. Start-up reads the tombstones of that long: a
+    /// short one keeps it flat in watch mode, but a VACUUM may then delete files that readers
+    /// of older versions still use. An existing table keeps its own.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub deleted_file_retention: Option<Duration>,
     /// Merge the table's small files once this many of about the same size (within a
     /// factor of N) have piled up, in the version of the next epoch, so that the number of
     /// files, and so start-up and every reader's listing, does not grow with the number of

@@ -152,6 +152,7 @@ pub fn run_job(
         labels: engine.label_rule(),
         keep_deleted: service.keep_deleted,
         checkpoint_interval: engine.checkpoint_interval,
+        deleted_file_retention: engine.deleted_file_retention,
         compaction: verger::commit::CompactionPolicy {
             files: engine.compact_files,
             target_bytes: engine.compact_target_mib << 20,

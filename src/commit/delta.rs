@@ -285,16 +285,22 @@ impl DeltaOutput {
     /// Creates the table with verger's schema and `identity` in its metadata. Retried through
     /// a store outage; a creation that landed although its request failed is found by the
     /// next attempt, which then only checks that the table is verger's.
-    /// A checkpoint is written every `checkpoint_interval` versions.
+    /// A checkpoint is written every `checkpoint_interval` versions; removed files are kept as
+    /// tombstones in checkpoints for `deleted_file_retention` (Delta's default, a week, if
+    /// `None`).
     pub async fn create(
         &self,
         identity: &Identity,
         checkpoint_interval: u64,
+        deleted_file_retention: Option<Duration>,
     ) -> Result<(), CommitError> {
         self.retrying("creating the table", || async {
             match self.open_once(None).await? {
                 Some(table) => identity_of(self, &table).map(|_| ()),
-                None => self.create_once(identity, checkpoint_interval).await,
+                None => {
+                    self.create_once(identity, checkpoint_interval, deleted_file_retention)
+                        .await
+                }
             }
         })
         .await
@@ -304,6 +310,7 @@ impl DeltaOutput {
         &self,
         identity: &Identity,
         checkpoint_interval: u64,
+        deleted_file_retention: Option<Duration>,
     ) -> Result<(), CommitError> {
         let schema = table::table_schema(&identity.columns);
         let kernel: StructType = schema
@@ -325,6 +332,10 @@ impl DeltaOutput {
             .with_configuration_property(
                 TableProperty::CheckpointInterval,
                 Some(checkpoint_interval.max(1).to_string()),
+            )
+            .with_configuration_property(
+                TableProperty::DeletedFileRetentionDuration,
+                deleted_file_retention.map(|d| format!("interval {} seconds", d.as_secs())),
             )
             .with_configuration([
                 (MODEL_KEY.to_string(), Some(identity.model.clone())),

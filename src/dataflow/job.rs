@@ -71,6 +71,9 @@ pub struct RunConfig {
     pub keep_deleted: bool,
     /// Delta versions between checkpoints of a table this run creates.
     pub checkpoint_interval: u64,
+    /// How long a table this run creates keeps removed files as tombstones in its
+    /// checkpoints (`delta.deletedFileRetentionDuration`); Delta's default if `None`.
+    pub deleted_file_retention: Option<Duration>,
     /// When the table's small files are merged.
     pub compaction: crate::commit::CompactionPolicy,
 }
@@ -130,6 +133,7 @@ impl RunConfig {
             labels: crate::label::LabelRule::default(),
             keep_deleted: false,
             checkpoint_interval: crate::commit::delta::CHECKPOINT_INTERVAL,
+            deleted_file_retention: None,
             compaction: crate::commit::CompactionPolicy::default(),
         }
     }
@@ -511,7 +515,11 @@ fn resume_and_run(
         // Process 0 makes the table, before any peer can commit.
         None if lease.is_some() => {
             runtime
-                .block_on(delta.create(&identity, config.checkpoint_interval))
+                .block_on(delta.create(
+                    &identity,
+                    config.checkpoint_interval,
+                    config.deleted_file_retention,
+                ))
                 .map_err(RunError::Resume)?;
         }
         None => {}
